@@ -1,0 +1,150 @@
+"""Unit tests of the pure core: boundaries, windows and arithmetic, on hand-made inputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from vllm_loglik.jobs import Scorer
+from vllm_loglik.scoring import TokenDecoder, score_span
+from vllm_loglik.spans import (
+    Span,
+    get_rolling_token_windows,
+    make_disjoint_window,
+    move_trailing_whitespace,
+    prompt_span,
+)
+
+
+def test_rolling_windows_match_lm_eval_gold():
+    # The expected windows of lm-evaluation-harness's own test of this function
+    # (test_get_rolling_token_windows_v1).
+    gold = [
+        ([-100, 0, 1, 2, 3, 4, 5, 6, 7, 8], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]),
+        ([9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19]),
+        ([19, 20, 21, 22, 23, 24, 25, 26, 27, 28], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29]),
+        ([23, 24, 25, 26, 27, 28, 29, 30, 31, 32], [30, 31, 32, 33]),
+    ]
+    windows = list(get_rolling_token_windows(list(range(34)), -100, 10, 1))
+    assert windows == gold
+
+
+def test_disjoint_windows_predict_each_token_once():
+    tokens = list(range(1000, 1037))
+    for max_seq_len in (1, 2, 5, 10, 36, 37, 50):
+        windows = [
+            make_disjoint_window(w) for w in get_rolling_token_windows(tokens, -1, max_seq_len, 1)
+        ]
+        predicted = [t for _, pred in windows for t in pred]
+        assert predicted == tokens
+        for ctx, pred in windows:
+            assert len(ctx) + len(pred) <= max_seq_len + 1
+            assert len(ctx) >= 1
+        assert windows[0][0][0] == -1
+
+
+def test_rolling_windows_with_context_len_keep_overlap():
+    windows = list(get_rolling_token_windows(list(range(10)), -1, 4, 2))
+    assert windows[0] == ([-1, 0, 1, 2], [0, 1, 2, 3])
+    assert windows[1] == ([2, 3, 4, 5], [4, 5, 6])
+
+
+@pytest.mark.parametrize(
+    ("context", "continuation", "expected"),
+    [
+        ("Q: A", " B", ("Q: A", " B")),
+        ("Q: A ", "B", ("Q: A", " B")),
+        ("Q: A \n\t", "B", ("Q: A", " \n\tB")),
+        ("   ", "B", ("", "   B")),
+        ("", "B", ("", "B")),
+    ],
+)
+def test_trailing_whitespace_moves_to_continuation(context, continuation, expected):
+    assert move_trailing_whitespace(context, continuation) == expected
+
+
+def test_span_rejects_nothing_to_score():
+    with pytest.raises(ValueError, match="at least one token"):
+        Span([1, 2], 2)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        prompt_span([5])
+    assert prompt_span([5, 6, 7]).scored_token_ids == [6, 7]
+
+
+@dataclass
+class LP:
+    logprob: float
+    rank: int
+
+
+class FakeTokenizer:
+    """Enough of a tokenizer for the arithmetic: token i is the letter chr(97 + i)."""
+
+    bos_token_id = 0
+    eos_token_id = 1
+    all_special_tokens: list[str] = []
+
+    def decode(self, ids):
+        return "".join(chr(97 + i) for i in ids)
+
+    def convert_ids_to_tokens(self, i):
+        return chr(97 + i)
+
+    def encode(self, text, add_special_tokens=True):
+        ids = [ord(c) - 97 for c in text]
+        return ([0] if add_special_tokens else []) + ids
+
+
+def test_score_sums_and_greedy_and_top_logprobs():
+    span = Span([0, 3, 4, 5], 2)
+    lps = [
+        None,
+        {3: LP(-9.0, 7), 2: LP(-0.1, 1)},
+        {4: LP(-0.5, 1), 6: LP(-1.5, 2)},
+        {5: LP(-2.0, 3), 7: LP(-0.2, 1), 8: LP(-1.0, 2)},
+    ]
+    score = score_span(span, lps, TokenDecoder(FakeTokenizer()), top_logprobs=2)
+    assert score.logprob == pytest.approx(-2.5)
+    assert score.num_tokens == 2
+    assert not score.is_greedy
+    assert score.token_ids == [4, 5]
+    assert score.text == "ef"
+    assert [t.rank for t in score.tokens] == [1, 3]
+    assert [a.token_id for a in score.tokens[1].top_logprobs] == [7, 8]
+    assert score.tokens[0].top_logprobs[0].token == "e"
+    ll, greedy = score
+    assert (ll, greedy) == (-2.5, False)
+
+    greedy_score = score_span(Span([0, 3, 4], 2), lps[:3], TokenDecoder(FakeTokenizer()))
+    assert greedy_score.is_greedy and greedy_score.tokens[0].top_logprobs == []
+
+
+def test_score_rejects_mismatched_logprobs():
+    with pytest.raises(ValueError, match="positions"):
+        score_span(Span([0, 3], 1), [None], TokenDecoder(FakeTokenizer()))
+    with pytest.raises(ValueError, match="no logprob"):
+        score_span(Span([0, 3], 1), [None, {9: LP(-1, 1)}], TokenDecoder(FakeTokenizer()))
+
+
+def test_scorer_errors_name_the_problem():
+    scorer = Scorer(FakeTokenizer(), max_model_len=8)
+    with pytest.raises(ValueError, match="continuation must not be empty"):
+        scorer.pair("abc", "")
+    with pytest.raises(ValueError, match="7 tokens that fit"):
+        scorer.pair("abcdef", "gh")
+    assert scorer.pair("abcde", "f").spans[0].prompt_token_ids == [0, 0, 1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match="non-empty list of messages"):
+        scorer.chat("hello")
+    with pytest.raises(ValueError, match=r"conversation\[0\].role"):
+        scorer.chat([{"content": "x"}])
+    with pytest.raises(ValueError, match=r"conversation\[1\].content"):
+        scorer.chat([{"role": "user", "content": "x"}, {"role": "user", "content": 3}])
+    with pytest.raises(ValueError, match="rolling text must not be empty"):
+        scorer.rolling("")
+    with pytest.raises(ValueError, match="string or a list of token ids"):
+        scorer.prompt([1, "a"])
+    # Rolling windows fit the engine: each prompt is at most max_model_len - 1 tokens.
+    spans = scorer.rolling("abcdefghijklmnopqrstuvwxyz").spans
+    assert all(len(s.prompt_token_ids) <= 7 for s in spans)
+    assert [t for s in spans for t in s.scored_token_ids] == list(range(26))

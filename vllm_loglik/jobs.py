@@ -1,0 +1,134 @@
+"""From user input to engine prompts and back: the part that the offline API and the server share.
+
+A `Scorer` wraps one tokenizer and one engine's context length. Each mode method validates its
+input and returns a `Job`: the spans to send to the engine, in order. `Scorer.finish` turns the
+engine's prompt logprobs for those spans into a `Score`. The offline API and the HTTP plugin
+differ only in how they reach the engine, so the two give the same numbers.
+
+Length rule: vLLM accepts a prompt only if prompt + 1 generated token fits in `max_model_len`,
+so a scored prompt is at most `max_model_len - 1` tokens, and rolling windows use
+`max_seq_len = max_model_len - 2` (a window's prompt is `max_seq_len + 1` tokens).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .scoring import PositionLogprobs, Score, TokenDecoder, combine, score_span
+from .spans import (
+    Span,
+    TextEncoder,
+    chat_span,
+    pair_span,
+    prompt_span,
+    rolling_spans,
+    validate_conversation,
+)
+
+#: The most alternatives per token that a request may ask for (the OpenAI API's limit).
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class Job:
+    """One result to compute: a label and the spans whose scored tokens make it up."""
+
+    text: str
+    spans: list[Span]
+
+
+def check_top_logprobs(value: Any, field: str = "top_logprobs") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise ValueError(f"{field} must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {value!r}")
+    return value
+
+
+class Scorer:
+    """Builds the jobs of every scoring mode for one tokenizer and context length."""
+
+    def __init__(self, tokenizer: Any, max_model_len: int, chat_template: str | None = None):
+        self.tokenizer = tokenizer
+        self.encoder = TextEncoder(tokenizer)
+        self.decode = TokenDecoder(tokenizer)
+        self.max_model_len = max_model_len
+        self.max_prompt_len = max_model_len - 1
+        self.chat_template = chat_template
+
+    def _fits(self, span: Span, what: str) -> Span:
+        n = len(span.prompt_token_ids)
+        if n > self.max_prompt_len:
+            raise ValueError(
+                f"{what} is {n} tokens long, more than the {self.max_prompt_len} tokens that "
+                f"fit the model's context (max_model_len {self.max_model_len} minus 1)"
+            )
+        return span
+
+    def pair(self, context: str, continuation: str) -> Job:
+        """lm-eval `loglikelihood`: `continuation` given `context` (see `spans.pair_span`)."""
+        span = pair_span(self.encoder, context, continuation)
+        return Job(continuation, [self._fits(span, "context plus continuation")])
+
+    def rolling(self, text: str) -> Job:
+        """lm-eval `loglikelihood_rolling`: every token of `text`, in disjoint windows."""
+        return Job(text, rolling_spans(self.encoder, text, self.max_model_len - 2))
+
+    def prompt(self, prompt: str | Sequence[int]) -> Job:
+        """Every prompt token but the first; a string is encoded as vLLM encodes a prompt."""
+        if isinstance(prompt, str):
+            ids = self.encoder.encode(prompt)
+        elif isinstance(prompt, Sequence) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
+            ids = list(prompt)
+        else:
+            raise ValueError("prompt must be a string or a list of token ids")
+        span = self._fits(prompt_span(ids), "the prompt")
+        return Job(self.tokenizer.decode(ids[1:]), [span])
+
+    def chat(
+        self,
+        conversation: Any,
+        candidate: str | dict[str, Any] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> Job:
+        """The final message of `conversation` under the chat template.
+
+        With `candidate`, that message (a string is an assistant message) is appended to the
+        conversation and scored instead.
+        """
+        messages = validate_conversation(conversation)
+        if candidate is not None:
+            if isinstance(candidate, str):
+                candidate = {"role": "assistant", "content": candidate}
+            (candidate,) = validate_conversation([candidate], "candidate")
+            if candidate["content"] == "":
+                raise ValueError("a candidate message must not be empty")
+            messages = messages + [candidate]
+        kwargs = dict(chat_template_kwargs or {})
+
+        def render(msgs: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+            return self.tokenizer.apply_chat_template(
+                msgs,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                chat_template=self.chat_template,
+                **kwargs,
+            )
+
+        span = chat_span(render, self.encoder.encode_plain, messages)
+        return Job(messages[-1]["content"], [self._fits(span, "the conversation")])
+
+    def finish(
+        self,
+        job: Job,
+        prompt_logprobs: Sequence[Sequence[PositionLogprobs]],
+        top_logprobs: int = 0,
+    ) -> Score:
+        """The `Score` of `job` from the engine's prompt logprobs, one list per span."""
+        parts = [
+            score_span(span, lps, self.decode, top_logprobs, text="").tokens
+            for span, lps in zip(job.spans, prompt_logprobs, strict=True)
+        ]
+        return combine(job.text, parts)

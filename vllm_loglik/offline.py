@@ -1,0 +1,185 @@
+"""The offline API: loglikelihoods on an existing `vllm.LLM`.
+
+Each function validates all of its input first (a `ValueError` names the problem and nothing
+is sent to the engine), then makes one `LLM.generate` call for the whole batch, with
+`SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False)`: vLLM's prompt-logprobs
+path, which computes log P(token | earlier tokens) at every prompt position. The one generated
+token is discarded. Requests with prompt logprobs do not read vLLM's prefix cache, so the
+numbers never depend on what was computed before.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+from .jobs import Job, Scorer, check_top_logprobs
+from .scoring import Score
+
+_scorers: weakref.WeakKeyDictionary[Any, Scorer] = weakref.WeakKeyDictionary()
+
+
+def scorer_for(llm: Any) -> Scorer:
+    """The `Scorer` of `llm`'s tokenizer and context length (built once per `LLM`)."""
+    scorer = _scorers.get(llm)
+    if scorer is None:
+        max_model_len = llm.llm_engine.model_config.max_model_len
+        scorer = _scorers[llm] = Scorer(llm.get_tokenizer(), max_model_len)
+    return scorer
+
+
+def run_jobs(llm: Any, jobs: list[Job], top_logprobs: int, use_tqdm: bool) -> list[Score]:
+    """Score `jobs` with one engine call and return their scores in order."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    top_logprobs = check_top_logprobs(top_logprobs)
+    scorer = scorer_for(llm)
+    spans = [span for job in jobs for span in job.spans]
+    if not spans:
+        return []
+    params = SamplingParams(max_tokens=1, prompt_logprobs=top_logprobs, detokenize=False)
+    outputs = llm.generate(
+        [TokensPrompt(prompt_token_ids=span.prompt_token_ids) for span in spans],
+        params,
+        use_tqdm=use_tqdm,
+    )
+    logprobs = iter([out.prompt_logprobs for out in outputs])
+    return [
+        scorer.finish(job, [next(logprobs) for _ in job.spans], top_logprobs) for job in jobs
+    ]
+
+
+def _sequence(value: Any, name: str) -> Sequence[Any]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ValueError(f"{name} must be a list")
+    return value
+
+
+def loglikelihood(
+    llm: Any,
+    requests: Sequence[tuple[str, str]],
+    *,
+    top_logprobs: int = 0,
+    use_tqdm: bool = False,
+) -> list[Score]:
+    """log P(continuation | context) for each `(context, continuation)` pair.
+
+    The semantics of lm-evaluation-harness's `LM.loglikelihood`: trailing whitespace of the
+    context moves to the continuation, `ctx = encode(context)`, `whole = encode(context +
+    continuation)`, and the continuation's tokens are `whole[len(ctx):]`. Texts are encoded as
+    vLLM encodes a prompt string (with the BOS token, where the tokenizer adds one); an empty
+    context is the BOS token alone (EOS when there is no BOS).
+
+    Each result unpacks as `(logprob, is_greedy)`:
+
+        >>> ll, greedy = loglikelihood(llm, [("The capital of France is", " Paris")])[0]
+
+    Raises `ValueError` for an empty continuation, or a context plus continuation longer than
+    the model's context (`max_model_len - 1` tokens; use `loglikelihood_rolling` for long text).
+    """
+    scorer = scorer_for(llm)
+    jobs = []
+    for i, pair in enumerate(_sequence(requests, "requests")):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"requests[{i}] must be a (context, continuation) pair")
+        try:
+            jobs.append(scorer.pair(*pair))
+        except ValueError as e:
+            raise ValueError(f"requests[{i}]: {e}") from None
+    return run_jobs(llm, jobs, top_logprobs, use_tqdm)
+
+
+def loglikelihood_rolling(
+    llm: Any, texts: Sequence[str], *, top_logprobs: int = 0, use_tqdm: bool = False
+) -> list[Score]:
+    """The total loglikelihood of each text, of any length, as lm-eval's `loglikelihood_rolling`.
+
+    The text is encoded without special tokens and cut into lm-eval's disjoint rolling windows
+    (`max_seq_len = max_model_len - 2`, the first window starting with the BOS token), so each
+    token is predicted exactly once, the first one given BOS alone.
+    """
+    scorer = scorer_for(llm)
+    jobs = []
+    for i, text in enumerate(_sequence(texts, "texts")):
+        try:
+            jobs.append(scorer.rolling(text))
+        except ValueError as e:
+            raise ValueError(f"texts[{i}]: {e}") from None
+    return run_jobs(llm, jobs, top_logprobs, use_tqdm)
+
+
+def prompt_loglikelihood(
+    llm: Any,
+    prompts: Sequence[str | Sequence[int]],
+    *,
+    top_logprobs: int = 0,
+    use_tqdm: bool = False,
+) -> list[Score]:
+    """Every token of each prompt except the first, as the hosted API's `loglikelihood: true`.
+
+    A string is encoded as vLLM encodes a prompt string (so the first token is usually BOS,
+    and every token of the text is scored); a list of token ids is used as it is.
+    """
+    scorer = scorer_for(llm)
+    jobs = []
+    for i, prompt in enumerate(_sequence(prompts, "prompts")):
+        try:
+            jobs.append(scorer.prompt(prompt))
+        except ValueError as e:
+            raise ValueError(f"prompts[{i}]: {e}") from None
+    return run_jobs(llm, jobs, top_logprobs, use_tqdm)
+
+
+def chat_loglikelihood(
+    llm: Any,
+    conversations: Sequence[Sequence[dict[str, Any]]],
+    *,
+    candidates: Sequence[Sequence[str | dict[str, Any]]] | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
+    top_logprobs: int = 0,
+    use_tqdm: bool = False,
+) -> list[Score] | list[list[Score]]:
+    """The loglikelihood of the final message of each conversation under the chat template.
+
+    Without `candidates`, the last message of each conversation is scored, and one `Score` per
+    conversation is returned. With `candidates`, `candidates[i]` lists candidate final messages
+    for `conversations[i]` (a string is an assistant message); each is appended to the
+    conversation and scored, and a list of `Score`s per conversation is returned:
+
+        >>> chat = [{"role": "user", "content": "Capital of France?"}]
+        >>> [paris, rome] = chat_loglikelihood(llm, [chat], candidates=[["Paris", "Rome"]])[0]
+
+    Only the final message's tokens are scored (with the template's end-of-turn markup after
+    it); the template's header for that message is context.
+    """
+    scorer = scorer_for(llm)
+    conversations = _sequence(conversations, "conversations")
+    if candidates is not None:
+        candidates = _sequence(candidates, "candidates")
+        if len(candidates) != len(conversations):
+            raise ValueError("candidates must hold one list of candidates per conversation")
+    jobs: list[Job] = []
+    shape: list[int] = []
+    for i, conversation in enumerate(conversations):
+        try:
+            if candidates is None:
+                jobs.append(scorer.chat(conversation, None, chat_template_kwargs))
+                continue
+            options = _sequence(candidates[i], f"candidates[{i}]")
+            if not options:
+                raise ValueError(f"candidates[{i}] must not be empty")
+            shape.append(len(options))
+            for option in options:
+                jobs.append(scorer.chat(conversation, option, chat_template_kwargs))
+        except ValueError as e:
+            raise ValueError(f"conversations[{i}]: {e}") from None
+    scores = run_jobs(llm, jobs, top_logprobs, use_tqdm)
+    if candidates is None:
+        return scores
+    grouped, at = [], 0
+    for n in shape:
+        grouped.append(scores[at : at + n])
+        at += n
+    return grouped

@@ -1,0 +1,139 @@
+"""Small, deterministic models built on disk, for tests, the demo and the benchmarks.
+
+No model hub is needed: the tokenizer is a byte-level BPE trained with the `tokenizers`
+library on text that ships with this package (or on a text the caller passes), and the
+model is a `LlamaForCausalLM` with seeded random weights, saved with `save_pretrained`.
+The same arguments give the same files, so a path can be reused between runs.
+
+The tokenizer adds a BOS token (`<s>`) in front of every encoded text, as Llama's does, and
+has a chat template, so every scoring mode of `vllm_loglik` can run on it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+BOS, EOS, END_OF_TURN = "<s>", "</s>", "<|end|>"
+
+#: A plain chat template: each message is `<|role|>\n{content}<|end|>\n`, after one BOS.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The size of a built model. The defaults are the tiny test model."""
+
+    vocab_size: int = 1024
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2  # head_dim 64: the CPU attention kernels reject 16
+    max_position_embeddings: int = 4096
+    dtype: str = "float32"
+    #: Larger than Llama's 0.02, so that the random model has peaked, non-uniform
+    #: next-token distributions and `is_greedy` is sometimes true.
+    initializer_range: float = 0.2
+    seed: int = 0
+
+
+TINY = ModelShape()
+#: About 100M parameters, the shape that `bench/` measures.
+BENCH = ModelShape(
+    vocab_size=32000,
+    hidden_size=768,
+    intermediate_size=2048,
+    num_hidden_layers=8,
+    num_attention_heads=12,
+    dtype="bfloat16",
+    initializer_range=0.02,
+)
+
+
+def default_corpus() -> str:
+    """The text the tokenizer is trained on when the caller gives none."""
+    return resources.files("vllm_loglik").joinpath("data/corpus.txt").read_text("utf-8")
+
+
+def build_tokenizer(vocab_size: int, corpus: str | None = None):
+    """Train a byte-level BPE tokenizer with BOS/EOS and a chat template.
+
+    Returns a `transformers` fast tokenizer that adds `<s>` in front of every text
+    (`add_special_tokens=True`), like Llama's.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = corpus if corpus is not None else default_corpus()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BOS, EOS, END_OF_TURN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(text.splitlines(keepends=True), trainer=trainer)
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        additional_special_tokens=[END_OF_TURN],
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=1_000_000,
+    )
+
+
+def build_model(path: str | Path, shape: ModelShape = TINY, corpus: str | None = None) -> Path:
+    """Build a tokenizer and a seeded random `LlamaForCausalLM` in `path`, and return it.
+
+    If `path` already holds a model built with the same shape, it is reused as it is.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    stamp = path / "vllm_loglik_shape.json"
+    wanted = json.dumps(asdict(shape) | {"corpus": corpus is not None}, sort_keys=True)
+    if stamp.exists() and stamp.read_text() == wanted:
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = build_tokenizer(shape.vocab_size, corpus)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_attention_heads,
+        max_position_embeddings=shape.max_position_embeddings,
+        initializer_range=shape.initializer_range,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(shape.seed)
+    model = LlamaForCausalLM(config).to(getattr(torch, shape.dtype))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    stamp.write_text(wanted)
+    return path
+
+
+def build_tiny_model(path: str | Path) -> Path:
+    """Build the 2-layer, hidden-128 demo model (float32) in `path`; about 3 s."""
+    return build_model(path, TINY)
