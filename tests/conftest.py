@@ -70,3 +70,89 @@ class Reference:
 @pytest.fixture(scope="session")
 def ref(model_path):
     return Reference(model_path)
+
+
+API_KEY = "test-key"
+
+
+class Server:
+    """A real `vllm serve` process (the API server module, which the CPU build needs)."""
+
+    def __init__(self, model: str, log_path, plugin: bool, api_key: str | None):
+        import socket
+        import subprocess
+        import sys
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        env = dict(os.environ)
+        env.pop("VLLM_PLUGINS", None)
+        if plugin:
+            env["VLLM_PLUGINS"] = "loglikelihood"
+        cmd = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", model, "--served-model-name", "tiny",
+            "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN),
+            "--enforce-eager", "--seed", "0",
+            "--host", "127.0.0.1", "--port", str(self.port),
+        ]  # fmt: skip
+        if api_key:
+            cmd += ["--api-key", api_key]
+        self.log_path = log_path
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.api_key = api_key
+        self._wait()
+
+    def _wait(self, timeout: float = 240.0) -> None:
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited; see {self.log_path}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise RuntimeError(f"server did not start in {timeout} s; see {self.log_path}")
+
+    def alive(self) -> bool:
+        import httpx
+
+        return self.proc.poll() is None and httpx.get(self.url + "/health").status_code == 200
+
+    def client(self):
+        import openai
+
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=self.api_key or "none")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except Exception:
+            self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def server(model_path, tmp_path_factory):
+    srv = Server(model_path, tmp_path_factory.mktemp("logs") / "server.log", True, API_KEY)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def stock_server(model_path, tmp_path_factory):
+    """The same server without VLLM_PLUGINS: stock vLLM behaviour."""
+    srv = Server(model_path, tmp_path_factory.mktemp("logs") / "stock.log", False, None)
+    yield srv
+    srv.stop()

@@ -74,6 +74,16 @@ class Scorer:
         """lm-eval `loglikelihood_rolling`: every token of `text`, in disjoint windows."""
         return Job(text, rolling_spans(self.encoder, text, self.max_model_len - 2))
 
+    def pair_ids(self, context_ids: Sequence[int], continuation: str) -> Job:
+        """`continuation` after a context given as token ids: the continuation is encoded on its
+        own, without special tokens, and appended (there is no text to move whitespace in)."""
+        if continuation == "":
+            raise ValueError("continuation must not be empty: there would be no token to score")
+        ids = list(context_ids) or [self.encoder.prefix_token_id]
+        cont = self.encoder.encode_plain(continuation)
+        span = self._fits(Span(ids + cont, len(ids)), "context plus continuation")
+        return Job(continuation, [span])
+
     def prompt(self, prompt: str | Sequence[int]) -> Job:
         """Every prompt token but the first; a string is encoded as vLLM encodes a prompt."""
         if isinstance(prompt, str):
@@ -106,6 +116,23 @@ class Scorer:
             if candidate["content"] == "":
                 raise ValueError("a candidate message must not be empty")
             messages = messages + [candidate]
+        span = chat_span(self._renderer(chat_template_kwargs), self.encoder.encode_plain, messages)
+        return Job(messages[-1]["content"], [self._fits(span, "the conversation")])
+
+    def chat_prompt(
+        self,
+        conversation: Any,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> Job:
+        """Every token of the rendered conversation except the first, as the server's chat
+        endpoint would render it as a prompt."""
+        messages = validate_conversation(conversation)
+        text = self._renderer(chat_template_kwargs)(messages, add_generation_prompt)
+        span = self._fits(prompt_span(self.encoder.encode_plain(text)), "the conversation")
+        return Job(text, [span])
+
+    def _renderer(self, chat_template_kwargs: dict[str, Any] | None):
         kwargs = dict(chat_template_kwargs or {})
 
         def render(msgs: list[dict[str, Any]], add_generation_prompt: bool) -> str:
@@ -117,8 +144,7 @@ class Scorer:
                 **kwargs,
             )
 
-        span = chat_span(render, self.encoder.encode_plain, messages)
-        return Job(messages[-1]["content"], [self._fits(span, "the conversation")])
+        return render
 
     def finish(
         self,

@@ -213,22 +213,32 @@ def chat_span(
 
     `render(messages, add_generation_prompt)` renders with the chat template (it includes the
     BOS token if the template writes one). The final message's tokens are those of the full
-    rendering after the rendering of the earlier messages; when the final message is the
-    assistant's, the earlier messages are rendered with the generation prompt, so that the
-    assistant header is context, not scored. The template's end-of-turn markup after the
-    message is scored: it is what the model must emit to end its reply there.
+    rendering from where the message's content starts: the earlier messages (rendered with the
+    generation prompt when the final message is the assistant's) and the template's header for
+    the final message are context, not scored. The template's end-of-turn markup after the
+    content is scored: it is what the model must emit to end its message there.
 
     Example, with the demo model's template and `[user: "Hi", assistant: "Hello"]`:
     context `<s><|user|>\\nHi<|end|>\\n<|assistant|>\\n`, scored `Hello<|end|>\\n`.
     """
     last = conversation[-1]
     full = render(conversation, False)
-    head = render(conversation[:-1], last["role"] == "assistant") if len(conversation) > 1 else ""
+    try:
+        head = render(conversation[:-1], last["role"] == "assistant")
+    except Exception:  # some templates refuse an empty or assistant-less conversation
+        if len(conversation) > 1:
+            raise
+        head = ""
     if not full.startswith(head):
         raise ValueError(
             "the chat template does not render the earlier messages as a prefix of the whole "
             "conversation, so the final message cannot be isolated"
         )
+    # The message's own header (e.g. `<|user|>\n`) is context too: scoring starts where its
+    # content does.
+    content_at = full.find(last["content"], len(head)) if last["content"] else -1
+    if content_at >= 0:
+        head = full[:content_at]
     head_ids = encode_plain(head) if head else []
     full_ids = encode_plain(full)
     if full_ids[: len(head_ids)] != head_ids:

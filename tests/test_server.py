@@ -1,0 +1,352 @@
+"""A real `vllm serve` with the plugin, driven by the real `openai` client and by raw HTTP."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+import vllm_loglik
+from tests.conftest import API_KEY, MAX_MODEL_LEN
+from tests.test_offline import CHAT, PAIRS, TOL, assert_matches, chat_reference_ids, lm_eval_split
+from vllm_loglik.protocol import LoglikelihoodEntry, entries
+
+MODEL = "tiny"
+
+
+def assert_same(entry: LoglikelihoodEntry, score: vllm_loglik.Score) -> None:
+    """A server entry carries the offline API's numbers."""
+    assert [t.token_id for t in entry.content] == score.token_ids
+    assert entry.num_tokens == score.num_tokens
+    assert entry.is_greedy == score.is_greedy
+    for got, want in zip(entry.content, score.tokens, strict=True):
+        assert abs(got.logprob - want.logprob) <= TOL
+        assert got.rank == want.rank
+        assert got.token == want.token and got.bytes == want.bytes
+        assert [a.token_id for a in got.top_logprobs] == [a.token_id for a in want.top_logprobs]
+    assert abs(entry.logprob - score.logprob) <= TOL * max(1, score.num_tokens)
+
+
+def post(server, path: str, body: dict, key: str | None = API_KEY) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(server.url + path, json=body, headers=headers, timeout=120)
+
+
+def test_completion_continuations_match_offline_and_transformers(server, llm, ref):
+    client = server.client()
+    by_context: dict[str, list[tuple[int, str]]] = {}
+    for i, (context, continuation) in enumerate(PAIRS):
+        by_context.setdefault(context, []).append((i, continuation))
+    offline = vllm_loglik.loglikelihood(llm, PAIRS, top_logprobs=3)
+    for context, items in by_context.items():
+        response = client.completions.create(
+            model=MODEL,
+            prompt=context,
+            max_tokens=0,
+            extra_body={
+                "loglikelihood": {"continuations": [c for _, c in items], "top_logprobs": 3}
+            },
+        )
+        (choice,) = response.choices
+        got = entries(choice)
+        assert [e.index for e in got] == list(range(len(items)))
+        for entry, (i, continuation) in zip(got, items, strict=True):
+            assert entry.text == continuation
+            assert_same(entry, offline[i])
+            ctx, cont = lm_eval_split(ref.tokenizer, context, continuation)
+            assert_matches(offline[i], ref, ctx + cont, len(ctx))
+            assert all(len(t.top_logprobs) == 3 for t in entry.content)
+
+
+def test_whole_prompt_true_with_text_ids_batch_and_n(server, llm, ref):
+    client = server.client()
+    texts = ["The quick brown fox jumps over the lazy dog.", "Où est la gare ? 日本"]
+    ids = ref.tokenizer.encode("Perplexity is lower when the text is likely.")
+    offline = vllm_loglik.prompt_loglikelihood(llm, texts + [ids])
+
+    response = client.completions.create(
+        model=MODEL, prompt=texts, max_tokens=0, n=2, extra_body={"loglikelihood": True}
+    )
+    assert len(response.choices) == 4
+    for choice in response.choices:
+        (entry,) = entries(choice)
+        assert_same(entry, offline[choice.index // 2])
+    assert response.usage.prompt_tokens == sum(len(ref.tokenizer.encode(t)) for t in texts)
+
+    # Token-id prompts, as lm-evaluation-harness sends them.
+    response = client.completions.create(
+        model=MODEL, prompt=ids, max_tokens=0, extra_body={"loglikelihood": True}
+    )
+    (entry,) = entries(response.choices[0])
+    assert_same(entry, offline[2])
+    assert_matches(offline[2], ref, ids, 1)
+    response = client.completions.create(
+        model=MODEL, prompt=[ids, ids[:5]], max_tokens=0, extra_body={"loglikelihood": True}
+    )
+    assert [len(entries(c)[0].content) for c in response.choices] == [len(ids) - 1, 4]
+
+
+def test_token_id_prompt_with_continuations(server, ref):
+    ctx = ref.tokenizer.encode("The capital of France is")
+    body = {
+        "model": MODEL,
+        "prompt": ctx,
+        "max_tokens": 0,
+        "loglikelihood": {"continuations": [" Paris"]},
+    }
+    response = post(server, "/v1/completions", body)
+    assert response.status_code == 200, response.text
+    (entry,) = response.json()["choices"][0]["loglikelihood"]
+    cont = ref.tokenizer.encode(" Paris", add_special_tokens=False)
+    lps, _ = ref.score(ctx + cont, len(ctx))
+    assert [t["token_id"] for t in entry["content"]] == cont
+    assert all(abs(t["logprob"] - lp) <= TOL for t, lp in zip(entry["content"], lps, strict=True))
+
+
+def test_generation_logprobs_unchanged_next_to_loglikelihood(server, ref):
+    client = server.client()
+    common = dict(model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0.0)
+    plain = client.completions.create(**common, logprobs=2, extra_body={"return_token_ids": True})
+    scored = client.completions.create(
+        **common, logprobs=2, extra_body={"return_token_ids": True, "loglikelihood": True}
+    )
+    assert scored.choices[0].text == plain.choices[0].text
+    assert scored.choices[0].logprobs.tokens == plain.choices[0].logprobs.tokens
+    for a, b in zip(
+        scored.choices[0].logprobs.token_logprobs,
+        plain.choices[0].logprobs.token_logprobs,
+        strict=True,
+    ):
+        assert abs(a - b) <= TOL
+    # The generated tokens' logprobs are right, too: check them against transformers.
+    prompt_ids = ref.tokenizer.encode("The capital of France is")
+    gen_ids = scored.choices[0].token_ids
+    lps, _ = ref.score(prompt_ids + gen_ids, len(prompt_ids))
+    for got, want in zip(scored.choices[0].logprobs.token_logprobs, lps, strict=True):
+        assert abs(got - want) <= TOL
+    (entry,) = entries(scored.choices[0])
+    assert entry.num_tokens == len(prompt_ids) - 1
+    # The loglikelihood's top_logprobs default to the request's `logprobs`.
+    assert all(len(t.top_logprobs) == 2 for t in entry.content)
+    assert scored.usage.completion_tokens == 4
+
+    chat_plain = client.chat.completions.create(
+        model=MODEL, messages=CHAT[:2], max_tokens=3, temperature=0.0, logprobs=True,
+        top_logprobs=2,
+    )  # fmt: skip
+    chat_scored = client.chat.completions.create(
+        model=MODEL, messages=CHAT[:2], max_tokens=3, temperature=0.0, logprobs=True,
+        top_logprobs=2, extra_body={"loglikelihood": {"scope": "last_message"}},
+    )  # fmt: skip
+    assert chat_scored.choices[0].message.content == chat_plain.choices[0].message.content
+    got = chat_scored.choices[0].logprobs.content
+    want = chat_plain.choices[0].logprobs.content
+    assert [t.token for t in got] == [t.token for t in want]
+    assert all(abs(a.logprob - b.logprob) <= TOL for a, b in zip(got, want, strict=True))
+    assert all(len(t.top_logprobs) == 2 for t in got)
+    assert entries(chat_scored.choices[0])[0].text == CHAT[1]["content"]
+
+
+def test_chat_modes_match_offline_and_transformers(server, llm, ref):
+    client = server.client()
+    (last,) = vllm_loglik.chat_loglikelihood(llm, [CHAT])
+    response = client.chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=0,
+        extra_body={"loglikelihood": {"scope": "last_message"}},
+    )  # fmt: skip
+    (entry,) = entries(response.choices[0])
+    assert_same(entry, last)
+    assert_matches(last, ref, *chat_reference_ids(ref.tokenizer, CHAT))
+
+    candidates = ["The capital of France is Paris.", "It is Rome.", "Berlin 🙂"]
+    [offline] = vllm_loglik.chat_loglikelihood(llm, [CHAT[:-1]], candidates=[candidates])
+    response = client.chat.completions.create(
+        model=MODEL, messages=CHAT[:-1], max_tokens=0,
+        extra_body={"loglikelihood": {"continuations": candidates}},
+    )  # fmt: skip
+    got = entries(response.choices[0])
+    assert [e.text for e in got] == candidates
+    for entry, score in zip(got, offline, strict=True):
+        assert_same(entry, score)
+    assert got[0].logprob == pytest.approx(last.logprob, abs=TOL)
+
+    # `true` on chat: the rendered prompt (with the generation prompt), all but its first token.
+    response = client.chat.completions.create(
+        model=MODEL, messages=CHAT[:-1], max_tokens=0, extra_body={"loglikelihood": True}
+    )
+    (entry,) = entries(response.choices[0])
+    rendered = ref.tokenizer.apply_chat_template(
+        CHAT[:-1], tokenize=False, add_generation_prompt=True
+    )
+    ids = ref.tokenizer.encode(rendered, add_special_tokens=False)
+    (score,) = vllm_loglik.prompt_loglikelihood(llm, [ids])
+    assert_same(entry, score)
+    assert_matches(score, ref, ids, 1)
+
+
+def test_curl_style_raw_http_and_response_shape(server):
+    body = {
+        "model": MODEL,
+        "prompt": "Question: Which planet is known as the red planet? Answer:",
+        "max_tokens": 0,
+        "loglikelihood": {"continuations": [" Mars", " Venus"], "top_logprobs": 1},
+    }
+    response = post(server, "/v1/completions", body)
+    assert response.status_code == 200
+    data = response.json()
+    assert data["object"] == "text_completion"
+    (choice,) = data["choices"]
+    assert choice["text"] == "" and choice["finish_reason"] == "length"
+    mars, venus = (LoglikelihoodEntry.model_validate(e) for e in choice["loglikelihood"])
+    assert (mars.index, mars.text, venus.text) == (0, " Mars", " Venus")
+    assert mars.logprob == pytest.approx(sum(t.logprob for t in mars.content))
+    assert all(len(t.top_logprobs) == 1 and t.rank >= 1 for t in mars.content)
+    assert data["usage"]["completion_tokens"] == 0
+
+
+BAD_REQUESTS = [
+    ("/v1/completions", {"loglikelihood": "yes"}, "loglikelihood"),
+    ("/v1/completions", {"loglikelihood": 1}, "loglikelihood"),
+    ("/v1/completions", {"loglikelihood": {"bogus": 1}}, "loglikelihood.bogus"),
+    ("/v1/completions", {"loglikelihood": {"continuations": "a"}}, "loglikelihood.continuations"),
+    ("/v1/completions", {"loglikelihood": {"continuations": []}}, "loglikelihood.continuations"),
+    (
+        "/v1/completions",
+        {"loglikelihood": {"continuations": ["a", ""]}},
+        "loglikelihood.continuations[1]",
+    ),
+    (
+        "/v1/completions",
+        {"loglikelihood": {"continuations": ["x"] * 65}},
+        "loglikelihood.continuations",
+    ),
+    ("/v1/completions", {"loglikelihood": {"top_logprobs": 21}}, "loglikelihood.top_logprobs"),
+    ("/v1/completions", {"loglikelihood": {"scope": "last_message"}}, "loglikelihood.scope"),
+    ("/v1/completions", {"loglikelihood": {"scope": "everything"}}, "loglikelihood.scope"),
+    ("/v1/completions", {"loglikelihood": True, "stream": True}, "stream"),
+    (
+        "/v1/completions",
+        {"prompt": "word " * 200, "loglikelihood": {"continuations": [" more"]}},
+        "loglikelihood.continuations[0]",
+    ),
+    ("/v1/completions", {"prompt": "word " * 200, "loglikelihood": True}, "prompt"),
+    ("/v1/completions", {"prompt": "", "loglikelihood": True}, "prompt"),
+    ("/v1/chat/completions", {"loglikelihood": {"top_logprobs": 99}}, "loglikelihood.top_logprobs"),
+    ("/v1/chat/completions", {"loglikelihood": True, "stream": True}, "stream"),
+    (
+        "/v1/chat/completions",
+        {"loglikelihood": {"continuations": ["ok", ""]}},
+        "loglikelihood.continuations[1]",
+    ),
+    (
+        "/v1/chat/completions",
+        {"loglikelihood": {"continuations": ["word " * 200]}},
+        "loglikelihood.continuations[0]",
+    ),
+]
+
+
+@pytest.mark.parametrize(("path", "extra", "param"), BAD_REQUESTS)
+def test_bad_input_is_400_naming_the_field_then_next_request_works(server, path, extra, param):
+    body = {"model": MODEL, "max_tokens": 0}
+    if path == "/v1/completions":
+        body["prompt"] = "The capital of France is"
+    else:
+        body["messages"] = CHAT[:2]
+    body.update(extra)
+    response = post(server, path, body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == 400 and error["type"]
+    assert param in error["message"] or param == error.get("param"), error
+    head = param.split("[")[0].split(".")[0]
+    assert head in error["message"]
+
+    # The engine is alive and the next request is served.
+    good = dict(body, loglikelihood=True, stream=False)
+    good.pop("prompt" if path == "/v1/completions" else "messages")
+    if path == "/v1/completions":
+        good["prompt"] = "The capital of France is"
+    else:
+        good["messages"] = CHAT[:2]
+    response = post(server, path, good)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["loglikelihood"][0]["num_tokens"] > 0
+
+
+def test_openai_client_raises_bad_request(server):
+    with pytest.raises(openai.BadRequestError) as info:
+        server.client().completions.create(
+            model=MODEL, prompt="x", max_tokens=0, extra_body={"loglikelihood": {"nope": True}}
+        )
+    assert "loglikelihood.nope" in str(info.value)
+    assert server.alive()
+
+
+def test_requests_without_the_field_are_stock(server, stock_server):
+    body = {"model": MODEL, "prompt": "Hello world", "max_tokens": 5, "temperature": 0.0,
+            "logprobs": 1}  # fmt: skip
+    ours = post(server, "/v1/completions", body).json()
+    stock = post(stock_server, "/v1/completions", body, key=None).json()
+    assert ours["choices"][0]["text"] == stock["choices"][0]["text"]
+    assert "loglikelihood" not in ours["choices"][0]
+    assert set(ours) == set(stock) and set(ours["choices"][0]) == set(stock["choices"][0])
+    # loglikelihood: false is the same as no field.
+    off = post(server, "/v1/completions", dict(body, loglikelihood=False)).json()
+    assert off["choices"][0]["text"] == stock["choices"][0]["text"]
+    assert "loglikelihood" not in off["choices"][0]
+    # Streaming still works when the field is absent.
+    with httpx.stream(
+        "POST", server.url + "/v1/completions", json=dict(body, stream=True),
+        headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60,
+    ) as response:  # fmt: skip
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]" and len(lines) >= 2
+    # Stock vLLM's own errors are unchanged.
+    bad = dict(body, max_tokens=-1)
+    assert post(server, "/v1/completions", bad).json() == post(
+        stock_server, "/v1/completions", bad, key=None
+    ).json()
+
+
+def test_server_without_plugin_ignores_the_field(stock_server):
+    body = {"model": MODEL, "prompt": "Hello world", "max_tokens": 2,
+            "loglikelihood": {"continuations": [" x"]}}  # fmt: skip
+    response = post(stock_server, "/v1/completions", body, key=None)
+    assert response.status_code == 200
+    assert "loglikelihood" not in response.json()["choices"][0]
+    spec = httpx.get(stock_server.url + "/openapi.json").json()
+    assert "loglikelihood" not in str(spec)
+
+
+def test_api_key_is_enforced_on_plugin_routes(server):
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        body = {"model": MODEL, "max_tokens": 0, "loglikelihood": True, "prompt": "x",
+                "messages": CHAT[:2]}  # fmt: skip
+        assert post(server, path, body, key=None).status_code == 401
+        assert post(server, path, body, key="wrong").status_code == 401
+        assert post(server, path, body).status_code == 200
+
+
+def test_openapi_documents_the_field(server):
+    spec = httpx.get(server.url + "/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    for name in ("LoglikelihoodCompletionRequest", "LoglikelihoodChatCompletionRequest"):
+        assert "loglikelihood" in schemas[name]["properties"]
+    assert "LoglikelihoodOptions" in schemas
+    ref_of = spec["paths"]["/v1/completions"]["post"]["requestBody"]["content"]
+    assert "LoglikelihoodCompletionRequest" in str(ref_of)
+    # The other routes are untouched.
+    assert "/v1/models" in spec["paths"] and "/tokenize" in spec["paths"]
+
+
+def test_context_length_edge(server, ref):
+    # A prompt of exactly max_model_len - 1 tokens is scored; one more is a 400.
+    ids = (ref.tokenizer.encode("word " * 200))[: MAX_MODEL_LEN - 1]
+    body = {"model": MODEL, "prompt": ids, "max_tokens": 0, "loglikelihood": True}
+    response = post(server, "/v1/completions", body)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["loglikelihood"][0]["num_tokens"] == MAX_MODEL_LEN - 2
+    response = post(server, "/v1/completions", dict(body, prompt=ids + [ids[-1]]))
+    assert response.status_code == 400
+    assert "prompt" in response.json()["error"]["message"]

@@ -1,0 +1,185 @@
+"""The HTTP contract of the `loglikelihood` field, as pydantic models.
+
+Clients can import this module without vLLM to build requests and parse responses.
+
+Request (an extra field on `/v1/completions` and `/v1/chat/completions`)::
+
+    "loglikelihood": true
+        Score every prompt token except the first (the hosted API's boolean field).
+    "loglikelihood": {"continuations": [...], "scope": "prompt" | "last_message",
+                      "top_logprobs": 0..20}
+        See `LoglikelihoodOptions`.
+
+Response: each choice gains `loglikelihood`, a list of `LoglikelihoodEntry`, next to the
+native `logprobs`::
+
+    {"index": 0, "text": " Paris", "logprob": -3.21, "num_tokens": 2, "is_greedy": true,
+     "content": [{"token": " Par", "token_id": 412, "logprob": -1.02, "bytes": [32, 80, 97, 114],
+                  "rank": 1, "top_logprobs": [{"token": " Par", "token_id": 412,
+                                               "logprob": -1.02, "bytes": [...]}]}, ...]}
+
+With an OpenAI client, `entries(choice)` reads them from a response choice.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+#: The default cap on `continuations` per request; the server reads
+#: `VLLM_LOGLIK_MAX_CONTINUATIONS` to change it.
+DEFAULT_MAX_CONTINUATIONS = 64
+
+
+class LoglikelihoodOptions(BaseModel):
+    """The object form of the `loglikelihood` request field. Unknown options are rejected."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    continuations: list[str] | None = Field(
+        default=None,
+        description=(
+            "Texts to score. Completions: each is scored as a continuation of the prompt, as "
+            "lm-evaluation-harness's loglikelihood does (trailing whitespace of the prompt moves "
+            "to the continuation). Chat: each is a candidate final assistant message, appended "
+            "to `messages` and scored under the chat template. One entry per continuation."
+        ),
+    )
+    scope: Literal["prompt", "last_message"] = Field(
+        default="prompt",
+        description=(
+            "`prompt`: every prompt token except the first. `last_message` (chat only): only "
+            "the tokens of the final message of `messages`."
+        ),
+    )
+    top_logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=20,
+        description=(
+            "Alternatives per scored token. Default: the request's `top_logprobs` (chat) or "
+            "`logprobs` (completions), else 0."
+        ),
+    )
+
+
+LoglikelihoodField = bool | LoglikelihoodOptions | None
+
+
+def parse_loglikelihood(value: Any) -> LoglikelihoodField:
+    """Validate the raw `loglikelihood` value, with one clear message that names the field.
+
+    Only JSON `true`/`false`/`null` or an object are accepted: no `"yes"`, no `1`.
+    """
+    if value is None or isinstance(value, (bool, LoglikelihoodOptions)):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(
+            "loglikelihood must be true, false or an object with continuations, scope and "
+            f"top_logprobs; got {type(value).__name__}"
+        )
+    try:
+        return LoglikelihoodOptions.model_validate(value)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in ("loglikelihood", *err["loc"]))
+        if err["type"] == "extra_forbidden":
+            raise ValueError(
+                f"{where} is not a loglikelihood option (known: continuations, scope, "
+                "top_logprobs)"
+            ) from None
+        raise ValueError(f"{where}: {err['msg']}") from None
+
+LOGLIKELIHOOD_DESCRIPTION = (
+    "vllm-loglik: score given text. `true` returns the log-probability of every prompt token "
+    "except the first; an object selects continuations, the scope and top_logprobs. Each choice "
+    "of the response then has a `loglikelihood` list."
+)
+
+
+class TopLogprobEntry(BaseModel):
+    token: str
+    token_id: int
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenEntry(BaseModel):
+    """One scored token: log P(token | every token before it), and its rank (1 = argmax)."""
+
+    token: str
+    token_id: int
+    logprob: float
+    bytes: list[int] | None = None
+    rank: int
+    top_logprobs: list[TopLogprobEntry] = Field(default_factory=list)
+
+
+class LoglikelihoodEntry(BaseModel):
+    """The loglikelihood of one scored text: the prompt, the last message or a continuation."""
+
+    index: int = Field(description="Position of the continuation in the request, else 0.")
+    text: str = Field(description="The scored text.")
+    logprob: float = Field(description="Sum of the scored tokens' logprobs.")
+    num_tokens: int
+    is_greedy: bool = Field(description="Every scored token is the model's argmax.")
+    content: list[TokenEntry]
+
+
+def entry_from_score(index: int, score: Any) -> dict[str, Any]:
+    """The JSON of a `LoglikelihoodEntry` from a `vllm_loglik.Score` (built as plain dicts:
+    one per scored token, so validation would only cost time)."""
+    return {
+        "index": index,
+        "text": score.text,
+        "logprob": score.logprob,
+        "num_tokens": score.num_tokens,
+        "is_greedy": score.is_greedy,
+        "content": [
+            {
+                "token": t.token,
+                "token_id": t.token_id,
+                "logprob": t.logprob,
+                "bytes": t.bytes,
+                "rank": t.rank,
+                "top_logprobs": [
+                    {"token": a.token, "token_id": a.token_id, "logprob": a.logprob, "bytes": a.bytes}
+                    for a in t.top_logprobs
+                ],
+            }
+            for t in score.tokens
+        ],
+    }
+
+
+def entries(choice: Any) -> list[LoglikelihoodEntry]:
+    """The `loglikelihood` entries of a response choice: a dict, or an `openai` client object."""
+    if isinstance(choice, dict):
+        raw = choice.get("loglikelihood")
+    else:
+        raw = getattr(choice, "loglikelihood", None)
+        if raw is None and getattr(choice, "model_extra", None):
+            raw = choice.model_extra.get("loglikelihood")
+    if raw is None:
+        raise ValueError("this choice has no `loglikelihood` field")
+    return [LoglikelihoodEntry.model_validate(e) for e in raw]
+
+
+class CompletionChoiceLoglikelihood(BaseModel):
+    """What the plugin adds to each completion or chat choice."""
+
+    loglikelihood: list[LoglikelihoodEntry] | None = None
+
+
+__all__ = [
+    "DEFAULT_MAX_CONTINUATIONS",
+    "LoglikelihoodEntry",
+    "LoglikelihoodField",
+    "LoglikelihoodOptions",
+    "TokenEntry",
+    "TopLogprobEntry",
+    "entries",
+    "entry_from_score",
+    "parse_loglikelihood",
+]
