@@ -137,3 +137,11 @@ def build_model(path: str | Path, shape: ModelShape = TINY, corpus: str | None =
 def build_tiny_model(path: str | Path) -> Path:
     """Build the 2-layer, hidden-128 demo model (float32) in `path`; about 3 s."""
     return build_model(path, TINY)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m vllm_loglik.testing PATH  (builds the demo model in PATH)")
+    print(build_tiny_model(sys.argv[1]))
