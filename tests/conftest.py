@@ -99,6 +99,9 @@ class Server:
         ]  # fmt: skip
         if api_key:
             cmd += ["--api-key", api_key]
+        # Small KV blocks (the CPU default is 128, longer than any test prompt), so that
+        # scoring several continuations of one context exercises the prefix-cache path.
+        cmd += ["--block-size", "32"]
         self.log_path = log_path
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)

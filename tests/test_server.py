@@ -350,3 +350,82 @@ def test_context_length_edge(server, ref):
     response = post(server, "/v1/completions", dict(body, prompt=ids + [ids[-1]]))
     assert response.status_code == 400
     assert "prompt" in response.json()["error"]["message"]
+
+
+def prefix_cache_hits(server) -> float:
+    text = httpx.get(server.url + "/metrics").text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("vllm:prefix_cache_hits_total")
+    )
+
+
+LONG_CONTEXT = (
+    "Question: The river flows past the old mill, under the stone bridge, and on toward the "
+    "sea. Every morning the baker opens the shop at six o'clock and sells warm bread to the "
+    "neighbours. Scientists measured the temperature of the lake every hour for a year. "
+    "Which of these is a building?\nAnswer:"
+)
+OPTIONS = [" the mill", " the river", " the lake 🙂", " bread"]
+
+
+def test_shared_context_is_computed_once_and_matches_uncached(server, llm, ref):
+    ctx_len = len(ref.tokenizer.encode(LONG_CONTEXT))
+    assert ctx_len > 2 * 32 + 1  # spans at least two KV blocks of the test server
+    offline = vllm_loglik.loglikelihood(llm, [(LONG_CONTEXT, o) for o in OPTIONS], top_logprobs=2)
+    hits_before = prefix_cache_hits(server)
+    client = server.client()
+    response = client.completions.create(
+        model=MODEL, prompt=LONG_CONTEXT, max_tokens=0,
+        extra_body={"loglikelihood": {"continuations": OPTIONS, "top_logprobs": 2}},
+    )  # fmt: skip
+    for entry, score in zip(entries(response.choices[0]), offline, strict=True):
+        assert_same(entry, score)
+    # Each continuation read the context's full blocks from the prefix cache.
+    assert prefix_cache_hits(server) - hits_before >= len(OPTIONS) * 64
+    for (context, option), score in zip([(LONG_CONTEXT, o) for o in OPTIONS], offline, strict=True):
+        ctx, cont = lm_eval_split(ref.tokenizer, context, option)
+        assert_matches(score, ref, ctx + cont, len(ctx))
+
+    # Chat candidates share their rendered head the same way.
+    chat = [{"role": "user", "content": LONG_CONTEXT}]
+    [offline_chat] = vllm_loglik.chat_loglikelihood(llm, [chat], candidates=[OPTIONS])
+    response = client.chat.completions.create(
+        model=MODEL, messages=chat, max_tokens=0,
+        extra_body={"loglikelihood": {"continuations": OPTIONS}},
+    )  # fmt: skip
+    for entry, score in zip(entries(response.choices[0]), offline_chat, strict=True):
+        assert_same(entry, score)
+
+
+def test_cached_path_under_concurrent_requests(server, llm):
+    import concurrent.futures
+
+    contexts = [LONG_CONTEXT, LONG_CONTEXT.replace("building", "place"), LONG_CONTEXT + " Hmm."]
+    requests = [(c, OPTIONS[i % 4 :] + OPTIONS[: i % 4]) for i, c in enumerate(contexts * 4)]
+    expected = {
+        (c, o): s
+        for c in contexts
+        for o, s in zip(OPTIONS, vllm_loglik.loglikelihood(llm, [(c, o) for o in OPTIONS]),
+                        strict=True)
+    }  # fmt: skip
+
+    def ask(item):
+        context, options = item
+        body = {"model": MODEL, "prompt": context, "max_tokens": 0,
+                "loglikelihood": {"continuations": options}}  # fmt: skip
+        # lm-eval style too: the same context again, one continuation per request.
+        single = dict(body, loglikelihood={"continuations": options[:1]})
+        return post(server, "/v1/completions", body), post(server, "/v1/completions", single)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(ask, requests))
+    for (context, options), (many, single) in zip(requests, results, strict=True):
+        assert many.status_code == 200 and single.status_code == 200
+        got = many.json()["choices"][0]["loglikelihood"]
+        for option, entry in zip(options, got, strict=True):
+            assert_same(LoglikelihoodEntry.model_validate(entry), expected[(context, option)])
+        (one,) = single.json()["choices"][0]["loglikelihood"]
+        assert_same(LoglikelihoodEntry.model_validate(one), expected[(context, options[0])])
+    assert server.alive()
