@@ -429,3 +429,35 @@ def test_cached_path_under_concurrent_requests(server, llm):
         (one,) = single.json()["choices"][0]["loglikelihood"]
         assert_same(LoglikelihoodEntry.model_validate(one), expected[(context, options[0])])
     assert server.alive()
+
+
+def test_lm_eval_local_completions_wire_format_agrees(server, llm, ref):
+    """lm-evaluation-harness's `local-completions` model (tokenized requests) sends token-id
+    prompts with echo and reads `token_logprobs[ctxlen:-1]`; through the plugin's server that
+    stock path still works, and gives our numbers."""
+    pairs = [PAIRS[0], PAIRS[2], (LONG_CONTEXT, OPTIONS[0])]
+    split = [lm_eval_split(ref.tokenizer, c, x) for c, x in pairs]
+    payload = {
+        "model": MODEL,
+        "prompt": [ctx + cont for ctx, cont in split],
+        "temperature": 0,
+        "max_tokens": 1,
+        "logprobs": 1,
+        "seed": 1234,
+        "echo": True,
+    }
+    response = post(server, "/v1/completions", payload)
+    assert response.status_code == 200, response.text
+    choices = sorted(response.json()["choices"], key=lambda c: c["index"])
+    ours = vllm_loglik.loglikelihood(llm, pairs)
+    for choice, (ctx, _), score in zip(choices, split, ours, strict=True):
+        token_logprobs = choice["logprobs"]["token_logprobs"][len(ctx) : -1]
+        top = choice["logprobs"]["top_logprobs"][len(ctx) : -1]
+        is_greedy = all(lp == max(t.values()) for lp, t in zip(token_logprobs, top, strict=True))
+        assert sum(token_logprobs) == pytest.approx(score.logprob, abs=1e-3)
+        assert is_greedy == score.is_greedy
+        # The same pair through the loglikelihood field, as token ids.
+        body = {"model": MODEL, "prompt": ctx, "max_tokens": 0,
+                "loglikelihood": {"continuations": [score.text]}}  # fmt: skip
+        entry = post(server, "/v1/completions", body).json()["choices"][0]["loglikelihood"][0]
+        assert abs(entry["logprob"] - score.logprob) <= 1e-3

@@ -115,7 +115,8 @@ class ServerScoring:
 
     Shared contexts are computed once. When the engine has prefix caching on, a request whose
     spans share a prefix of at least one KV block (the context of several continuations, or
-    one long context that lm-eval sends again with each continuation) first prefills that
+    of one continuation: a client may send the same context again with the next one) first
+    prefills that
     prefix as a plain request (no logprobs), which stores its full blocks in the prefix cache.
     The spans are then scored with `skip_reading_prefix_cache=False`, so the engine computes
     only the uncached tail. This is safe only with `detokenize=False`: vLLM leaves the cached

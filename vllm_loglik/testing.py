@@ -55,6 +55,7 @@ BENCH = ModelShape(
     num_attention_heads=12,
     dtype="bfloat16",
     initializer_range=0.02,
+    max_position_embeddings=16384,  # the memory row scores an 8,000-token prompt
 )
 
 
