@@ -309,6 +309,22 @@ def test_requests_without_the_field_are_stock(server, stock_server):
     ).json()
 
 
+def test_openapi_of_other_routes_is_unchanged(server, stock_server):
+    ours = httpx.get(server.url + "/openapi.json").json()
+    stock = httpx.get(stock_server.url + "/openapi.json").json()
+    assert set(ours["paths"]) == set(stock["paths"])
+    for path, spec in stock["paths"].items():
+        if path not in ("/v1/completions", "/v1/chat/completions"):
+            assert ours["paths"][path] == spec, path
+    replaced = {"CompletionRequest", "ChatCompletionRequest"}  # by the subclasses with the field
+    for name, schema in stock["components"]["schemas"].items():
+        if name in ours["components"]["schemas"]:
+            assert ours["components"]["schemas"][name] == schema, name
+        else:
+            assert name in replaced, name
+    assert set(ours["paths"]["/v1/completions"]) == set(stock["paths"]["/v1/completions"])
+
+
 def test_server_without_plugin_ignores_the_field(stock_server):
     body = {"model": MODEL, "prompt": "Hello world", "max_tokens": 2,
             "loglikelihood": {"continuations": [" x"]}}  # fmt: skip
