@@ -68,6 +68,8 @@ def offline(model: str) -> dict:
     (prompt,) = vllm_loglik.prompt_loglikelihood(llm, ["The quick brown fox jumps over the lazy dog."])
     for tok in sorted(prompt.tokens, key=lambda t: t.logprob)[:3]:
         print(f"  {tok.token!r:10} logprob {tok.logprob:8.4f}  rank {tok.rank}")
+    # Stop the engine now: left to the interpreter's exit, its teardown can abort the process.
+    llm.llm_engine.engine_core.shutdown()
     return {"mc": mc, "replies": replies, "prompt": prompt}
 
 

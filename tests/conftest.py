@@ -36,7 +36,8 @@ def llm(model_path):
         seed=0,
     )
     yield engine
-    del engine
+    # Stop the engine here: left to the interpreter's exit, its teardown can abort the process.
+    engine.llm_engine.engine_core.shutdown()
 
 
 class Reference:

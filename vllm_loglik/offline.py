@@ -11,7 +11,7 @@ numbers never depend on what was computed before.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .jobs import Job, Scorer, check_top_logprobs
@@ -57,6 +57,24 @@ def _sequence(value: Any, name: str) -> Sequence[Any]:
     return value
 
 
+def _jobs(items: Any, name: str, build: Callable[[Any], Job]) -> list[Job]:
+    """`build(item)` for each item, all validated before anything reaches the engine; an
+    error names the item, as `name[i]: ...`."""
+    jobs = []
+    for i, item in enumerate(_sequence(items, name)):
+        try:
+            jobs.append(build(item))
+        except ValueError as e:
+            raise ValueError(f"{name}[{i}]: {e}") from None
+    return jobs
+
+
+def _pair(item: Any) -> tuple[str, str]:
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        raise ValueError("must be a (context, continuation) pair")
+    return item[0], item[1]
+
+
 def loglikelihood(
     llm: Any,
     requests: Sequence[tuple[str, str]],
@@ -80,14 +98,7 @@ def loglikelihood(
     the model's context (`max_model_len - 1` tokens; use `loglikelihood_rolling` for long text).
     """
     scorer = scorer_for(llm)
-    jobs = []
-    for i, pair in enumerate(_sequence(requests, "requests")):
-        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-            raise ValueError(f"requests[{i}] must be a (context, continuation) pair")
-        try:
-            jobs.append(scorer.pair(*pair))
-        except ValueError as e:
-            raise ValueError(f"requests[{i}]: {e}") from None
+    jobs = _jobs(requests, "requests", lambda item: scorer.pair(*_pair(item)))
     return run_jobs(llm, jobs, top_logprobs, use_tqdm)
 
 
@@ -100,13 +111,7 @@ def loglikelihood_rolling(
     (`max_seq_len = max_model_len - 2`, the first window starting with the BOS token), so each
     token is predicted exactly once, the first one given BOS alone.
     """
-    scorer = scorer_for(llm)
-    jobs = []
-    for i, text in enumerate(_sequence(texts, "texts")):
-        try:
-            jobs.append(scorer.rolling(text))
-        except ValueError as e:
-            raise ValueError(f"texts[{i}]: {e}") from None
+    jobs = _jobs(texts, "texts", scorer_for(llm).rolling)
     return run_jobs(llm, jobs, top_logprobs, use_tqdm)
 
 
@@ -122,13 +127,7 @@ def prompt_loglikelihood(
     A string is encoded as vLLM encodes a prompt string (so the first token is usually BOS,
     and every token of the text is scored); a list of token ids is used as it is.
     """
-    scorer = scorer_for(llm)
-    jobs = []
-    for i, prompt in enumerate(_sequence(prompts, "prompts")):
-        try:
-            jobs.append(scorer.prompt(prompt))
-        except ValueError as e:
-            raise ValueError(f"prompts[{i}]: {e}") from None
+    jobs = _jobs(prompts, "prompts", scorer_for(llm).prompt)
     return run_jobs(llm, jobs, top_logprobs, use_tqdm)
 
 
