@@ -36,6 +36,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from vllm_loglik.testing import ApiServer  # noqa: E402
+
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 # GiB of KV cache per engine; the CPU default (92% of NUMA node 0) fails next to anything else.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
@@ -142,35 +144,15 @@ def offline_rows(model: str, size: Size, dtype: str) -> dict:
 # ---------------------------------------------------------------- server (rows 1, 2, 4, 5)
 
 
-class Server:
-    def __init__(self, model: str, dtype: str, max_model_len: int, caching: bool, port: int):
-        cmd = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-            "--served-model-name", "bench", "--dtype", dtype, "--max-model-len",
-            str(max_model_len), "--enforce-eager", "--port", str(port), "--seed", "0",
-            "--max-logprobs", "20",
-        ]  # fmt: skip
-        if not caching:
-            cmd.append("--no-enable-prefix-caching")
-        env = dict(os.environ, VLLM_PLUGINS="loglikelihood")
-        log = ROOT / ".cache" / f"bench-server-{port}.log"
-        self.proc = subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-        self.url = f"http://127.0.0.1:{port}"
-        import httpx
-
-        for _ in range(600):
-            if self.proc.poll() is not None:
-                sys.exit(f"server exited; see {log}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=60)
+def serve(model: str, dtype: str, max_model_len: int, caching: bool, port: int) -> ApiServer:
+    args = [
+        "--served-model-name", "bench", "--dtype", dtype, "--max-model-len", str(max_model_len),
+        "--enforce-eager", "--seed", "0", "--max-logprobs", "20",
+    ]  # fmt: skip
+    if not caching:
+        args.append("--no-enable-prefix-caching")
+    log = ROOT / ".cache" / f"bench-server-{port}.log"
+    return ApiServer(model, args, log, port=port, timeout=600)
 
 
 async def run_bodies(url: str, bodies: list[dict], clients: int) -> tuple[float, list[dict]]:
@@ -206,7 +188,7 @@ def timed(
     return best, out
 
 
-def server_rows(server: Server, model: str, size: Size) -> dict:
+def server_rows(server: ApiServer, model: str, size: Size) -> dict:
     prompts = token_prompts(model, size.prompts, size.prompt_len)
     base = {"model": "bench", "max_tokens": 1, "temperature": 0}
     plain = [dict(base, prompt=p) for p in prompts]
@@ -219,7 +201,7 @@ def server_rows(server: Server, model: str, size: Size) -> dict:
     return {"plain": t_plain, "native": t_native, "ours": t_ours}
 
 
-def multiple_choice(server: Server, model: str, size: Size) -> dict:
+def multiple_choice(server: ApiServer, model: str, size: Size) -> dict:
     contexts = token_prompts(model, size.questions, size.context_len, seed=1)
     from transformers import AutoTokenizer
 
@@ -282,7 +264,7 @@ def peak_rss(pid: int, fn) -> tuple[float, float]:
     return before, peak[0]
 
 
-def memory_row(server: Server, model: str, size: Size) -> dict:
+def memory_row(server: ApiServer, model: str, size: Size) -> dict:
     """Peak RSS while scoring a long prompt, against plain prefill of it; and the same growth
     at a quarter of the length, which shows whether it scales with the prompt's length."""
     import httpx
@@ -369,17 +351,11 @@ def main() -> None:
         sys.exit(f"the offline measurement failed; see {child_log}")
     results: dict = {"size": size.name, "offline": json.loads(child_out.read_text())}
 
-    server = Server(model, dtype, max(size.memory_len, size.prompt_len) + 16, False, 8301)
-    try:
+    with serve(model, dtype, max(size.memory_len, size.prompt_len) + 16, False, 8301) as server:
         results["server"] = server_rows(server, model, size)
         results["memory"] = memory_row(server, model, size)
-    finally:
-        server.stop()
-    server = Server(model, dtype, size.context_len + 64, True, 8302)
-    try:
+    with serve(model, dtype, size.context_len + 64, True, 8302) as server:
         results["multiple_choice"] = multiple_choice(server, model, size)
-    finally:
-        server.stop()
 
     text = table(results, size)
     results["table"] = text

@@ -14,9 +14,7 @@ plumbing, and that offline and server give the same numbers.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -24,7 +22,6 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / ".cache" / "demo-model"
-PORT = int(os.environ.get("DEMO_PORT", "8123"))
 MAX_MODEL_LEN = 256
 
 QUESTION = "Question: Which planet is known as the red planet?\nAnswer:"
@@ -73,39 +70,12 @@ def offline(model: str) -> dict:
     return {"mc": mc, "replies": replies, "prompt": prompt}
 
 
-def serve(model: str) -> subprocess.Popen:
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-        "--served-model-name", "demo", "--dtype", "float32",
-        "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager", "--port", str(PORT),
-    ]  # fmt: skip
-    env = dict(os.environ, VLLM_PLUGINS="loglikelihood")
-    print(f"\n== Server: VLLM_PLUGINS=loglikelihood {' '.join(cmd[1:])} ==")
-    log = open(ROOT / ".cache" / "demo-server.log", "w")
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def wait(proc: subprocess.Popen, url: str) -> None:
-    import httpx
-
-    for _ in range(300):
-        if proc.poll() is not None:
-            sys.exit(f"the server exited; see {ROOT / '.cache' / 'demo-server.log'}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    sys.exit("the server did not start in 300 s")
-
-
-def online(results: dict) -> None:
+def online(results: dict, url: str) -> None:
     import openai
 
     from vllm_loglik.protocol import entries
 
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key="none")
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
     worst = 0.0
 
     response = client.completions.create(
@@ -143,18 +113,17 @@ def online(results: dict) -> None:
 
 
 def main() -> None:
-    from vllm_loglik.testing import build_tiny_model
+    from vllm_loglik.testing import ApiServer, build_tiny_model
 
     model = str(build_tiny_model(MODEL_DIR))
     print(f"demo model: {model}")
     results = offline(model)
-    proc = serve(model)
-    try:
-        wait(proc, f"http://127.0.0.1:{PORT}")
-        online(results)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+    args = ["--served-model-name", "demo", "--dtype", "float32",
+            "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager"]  # fmt: skip
+    print(f"\n== Server: VLLM_PLUGINS=loglikelihood python -m vllm.entrypoints.openai.api_server "
+          f"--model {model} {' '.join(args)} ==")
+    with ApiServer(model, args, ROOT / ".cache" / "demo-server.log") as server:
+        online(results, server.url)
 
 
 if __name__ == "__main__":

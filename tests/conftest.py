@@ -9,6 +9,8 @@ import os
 
 import pytest
 
+from vllm_loglik.testing import ApiServer
+
 # Each engine reserves this much KV cache (GiB); vLLM's CPU default of 92% of NUMA node 0
 # fails once a second engine or a server is running.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -76,75 +78,26 @@ def ref(model_path):
 API_KEY = "test-key"
 
 
-class Server:
-    """A real `vllm serve` process (the API server module, which the CPU build needs)."""
+class Server(ApiServer):
+    """The demo model behind a real server, with the test settings and an `openai` client."""
 
     def __init__(self, model: str, log_path, plugin: bool, api_key: str | None):
-        import socket
-        import subprocess
-        import sys
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        env = dict(os.environ)
-        env.pop("VLLM_PLUGINS", None)
-        if plugin:
-            env["VLLM_PLUGINS"] = "loglikelihood"
-        cmd = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", model, "--served-model-name", "tiny",
-            "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN),
-            "--enforce-eager", "--seed", "0",
-            "--host", "127.0.0.1", "--port", str(self.port),
+        args = [
+            "--served-model-name", "tiny", "--dtype", "float32",
+            "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager", "--seed", "0",
+            # Small KV blocks (the CPU default is 128, longer than any test prompt), so that
+            # scoring several continuations of one context exercises the prefix-cache path.
+            "--block-size", "32",
         ]  # fmt: skip
         if api_key:
-            cmd += ["--api-key", api_key]
-        # Small KV blocks (the CPU default is 128, longer than any test prompt), so that
-        # scoring several continuations of one context exercises the prefix-cache path.
-        cmd += ["--block-size", "32"]
-        self.log_path = log_path
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        self.url = f"http://127.0.0.1:{self.port}"
+            args += ["--api-key", api_key]
         self.api_key = api_key
-        self._wait()
-
-    def _wait(self, timeout: float = 240.0) -> None:
-        import time
-
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited; see {self.log_path}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        self.stop()
-        raise RuntimeError(f"server did not start in {timeout} s; see {self.log_path}")
-
-    def alive(self) -> bool:
-        import httpx
-
-        return self.proc.poll() is None and httpx.get(self.url + "/health").status_code == 200
+        super().__init__(model, args, log_path, plugin=plugin, timeout=240)
 
     def client(self):
         import openai
 
         return openai.OpenAI(base_url=self.url + "/v1", api_key=self.api_key or "none")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except Exception:
-            self.proc.kill()
-        self.log.close()
 
 
 @pytest.fixture(scope="session")

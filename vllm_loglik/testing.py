@@ -140,6 +140,92 @@ def build_tiny_model(path: str | Path) -> Path:
     return build_model(path, TINY)
 
 
+class ApiServer:
+    """A real `vllm serve` process, started and waited for; for tests, the demo and benchmarks.
+
+    It runs `python -m vllm.entrypoints.openai.api_server`, the same server as `vllm serve`,
+    because the CPU build's `vllm` command does not start. `plugin` sets `VLLM_PLUGINS` to
+    this package's plugin, or removes it. Output goes to `log_path`. Use it as a context manager,
+    or call `stop()`.
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        args: list[str],
+        log_path: str | Path,
+        *,
+        plugin: bool = True,
+        port: int | None = None,
+        timeout: float = 300.0,
+    ) -> None:
+        import os
+        import socket
+        import subprocess
+        import sys
+
+        if port is None:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+        env = dict(os.environ)
+        env.pop("VLLM_PLUGINS", None)
+        if plugin:
+            env["VLLM_PLUGINS"] = "loglikelihood"
+        cmd = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+            "--host", "127.0.0.1", "--port", str(port), *args,
+        ]  # fmt: skip
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = Path(log_path)
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        try:
+            self._wait(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait(self, timeout: float) -> None:
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited; see {self.log_path}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise RuntimeError(f"the server did not start in {timeout:.0f} s; see {self.log_path}")
+
+    def alive(self) -> bool:
+        import httpx
+
+        return self.proc.poll() is None and httpx.get(self.url + "/health").status_code == 200
+
+    def stop(self) -> None:
+        import subprocess
+
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._log.close()
+
+    def __enter__(self) -> ApiServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 if __name__ == "__main__":
     import sys
 
