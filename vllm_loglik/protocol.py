@@ -166,12 +166,6 @@ def entries(choice: Any) -> list[LoglikelihoodEntry]:
     return [LoglikelihoodEntry.model_validate(e) for e in raw]
 
 
-class CompletionChoiceLoglikelihood(BaseModel):
-    """What the plugin adds to each completion or chat choice."""
-
-    loglikelihood: list[LoglikelihoodEntry] | None = None
-
-
 __all__ = [
     "DEFAULT_MAX_CONTINUATIONS",
     "LoglikelihoodEntry",
