@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .scoring import PositionLogprobs, Score, TokenDecoder, combine, score_span
+from .scoring import PositionLogprobs, Score, TokenDecoder, combine, score_tokens
 from .spans import (
     Span,
     TextEncoder,
@@ -154,7 +154,7 @@ class Scorer:
     ) -> Score:
         """The `Score` of `job` from the engine's prompt logprobs, one list per span."""
         parts = [
-            score_span(span, lps, self.decode, top_logprobs, text="").tokens
+            score_tokens(span, lps, self.decode, top_logprobs)
             for span, lps in zip(job.spans, prompt_logprobs, strict=True)
         ]
         return combine(job.text, parts)

@@ -131,17 +131,16 @@ def _is_byte_level(tokenizer: Any) -> bool:
     return decoder is not None and "ByteLevel" in repr(decoder)
 
 
-def score_span(
+def score_tokens(
     span: Span,
     prompt_logprobs: Sequence[PositionLogprobs],
     decode: TokenDecoder,
     top_logprobs: int = 0,
-    text: str | None = None,
-) -> Score:
-    """Score `span` from the engine's prompt logprobs of `span.prompt_token_ids`.
+) -> list[TokenScore]:
+    """The scored tokens of `span`, from the engine's prompt logprobs of its whole prompt.
 
     `top_logprobs` alternatives are kept per token, best first (the engine must have been asked
-    for at least that many). `text` labels the result; by default the scored tokens decoded.
+    for at least that many).
     """
     ids = span.prompt_token_ids
     if len(prompt_logprobs) != len(ids):
@@ -172,9 +171,20 @@ def score_span(
                 top_logprobs=alternatives,
             )
         )
+    return tokens
+
+
+def score_span(
+    span: Span,
+    prompt_logprobs: Sequence[PositionLogprobs],
+    decode: TokenDecoder,
+    top_logprobs: int = 0,
+    text: str | None = None,
+) -> Score:
+    """The `Score` of one span; `text` labels it (by default, the scored tokens decoded)."""
     if text is None:
         text = decode.tokenizer.decode(span.scored_token_ids)
-    return combine(text, [tokens])
+    return combine(text, [score_tokens(span, prompt_logprobs, decode, top_logprobs)])
 
 
 def combine(text: str, parts: Sequence[Sequence[TokenScore]]) -> Score:
