@@ -477,3 +477,13 @@ def test_lm_eval_local_completions_wire_format_agrees(server, llm, ref):
                 "loglikelihood": {"continuations": [score.text]}}  # fmt: skip
         entry = post(server, "/v1/completions", body).json()["choices"][0]["loglikelihood"][0]
         assert abs(entry["logprob"] - score.logprob) <= 1e-3
+
+
+def test_generation_error_is_passed_through_with_loglikelihood(server):
+    # Generation runs in vLLM's own handler; its 400 comes back as it is, and the server lives.
+    body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 500}
+    stock = post(server, "/v1/completions", body)
+    ours = post(server, "/v1/completions", dict(body, loglikelihood=True))
+    assert stock.status_code == ours.status_code == 400
+    assert ours.json()["error"]["message"] == stock.json()["error"]["message"]
+    assert server.alive()

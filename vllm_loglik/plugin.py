@@ -268,7 +268,10 @@ def as_entries(scores: Sequence[Score]) -> list[dict[str, Any]]:
 def merge(
     response: Any, per_prompt: list[list[dict[str, Any]]], n: int, prompt_tokens: int
 ) -> JSONResponse:
-    """Add the entries to each choice of the original handler's response."""
+    """Add the entries to each choice of the original handler's response; an `ErrorResponse`
+    from the handler is returned as it is, with its status."""
+    if not hasattr(response, "choices"):
+        return JSONResponse(response.model_dump(), status_code=response.error.code)
     body = response.model_dump()
     for choice in body["choices"]:
         choice["loglikelihood"] = per_prompt[choice["index"] // n]
@@ -323,8 +326,6 @@ async def score_completion(request: LoglikelihoodCompletionRequest, raw_request:
         at += len(group)
     prompt_tokens = scored_prompt_tokens(jobs)
     if generated is not None:
-        if not hasattr(generated, "choices"):  # an ErrorResponse from the handler
-            return JSONResponse(generated.model_dump(), status_code=generated.error.code)
         return merge(generated, per_prompt, request.n, prompt_tokens)
     choices = [
         {
@@ -462,8 +463,6 @@ async def score_chat(request: LoglikelihoodChatCompletionRequest, raw_request: R
     prompt_tokens = scored_prompt_tokens(jobs)
     n = request.n or 1
     if generated is not None:
-        if not hasattr(generated, "choices"):
-            return JSONResponse(generated.model_dump(), status_code=generated.error.code)
         return merge(generated, [entries], n, prompt_tokens)
     return JSONResponse(
         {
