@@ -1,0 +1,18 @@
+"""The `vllm serve` plugin: a `loglikelihood` field on `/v1/completions` and `/v1/chat/completions`.
+
+This package is the only code that touches vLLM's server. One module per concern:
+
+| module | what it holds |
+| --- | --- |
+| `plugin` | the `vllm.endpoint_plugins` entry point and the route wrapping |
+| `protocol` | the request models (vLLM's plus the field), `RequestError`, the error shape |
+| `validation` | checks shared by both endpoints (400 naming the field) |
+| `engine` | `ServerScoring`: engine requests, shared contexts through the prefix cache |
+| `completions` | the `/v1/completions` handler |
+| `chat` | the `/v1/chat/completions` handler |
+| `responses` | merging entries into vLLM's responses, score-only responses |
+"""
+
+from .plugin import LoglikelihoodPlugin
+
+__all__ = ["LoglikelihoodPlugin"]

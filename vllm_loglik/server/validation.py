@@ -1,0 +1,67 @@
+"""Checks that both endpoints apply to a request with `loglikelihood`, before any engine work.
+
+Each raises `RequestError` naming the field, which the handlers answer with HTTP 400.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+
+from ..protocol import LoglikelihoodOptions
+from .engine import ServerScoring
+from .protocol import RequestError
+
+
+def options_of(request: Any) -> LoglikelihoodOptions:
+    """The field's options; `true` is the object with every default."""
+    value = request.loglikelihood
+    return value if isinstance(value, LoglikelihoodOptions) else LoglikelihoodOptions()
+
+
+def check_common(request: Any, options: LoglikelihoodOptions, scoring: ServerScoring) -> None:
+    if request.stream:
+        raise RequestError(
+            "stream",
+            "loglikelihood cannot be combined with stream: true; send the request without "
+            "streaming",
+        )
+    continuations = options.continuations
+    if continuations is not None:
+        if not continuations:
+            raise RequestError("loglikelihood.continuations", "loglikelihood.continuations must not be empty")
+        if len(continuations) > scoring.max_continuations:
+            raise RequestError(
+                "loglikelihood.continuations",
+                f"loglikelihood.continuations has {len(continuations)} items; at most "
+                f"{scoring.max_continuations} are allowed (VLLM_LOGLIK_MAX_CONTINUATIONS)",
+            )
+        for i, text in enumerate(continuations):
+            if text == "":
+                raise RequestError(
+                    f"loglikelihood.continuations[{i}]",
+                    f"loglikelihood.continuations[{i}] must not be an empty string",
+                )
+
+
+def top_logprobs_of(options: LoglikelihoodOptions, fallback: int | None, name: str) -> int:
+    """The alternatives per token: the field's own `top_logprobs`, else the request's `name`."""
+    if options.top_logprobs is not None:
+        return options.top_logprobs
+    k = fallback or 0
+    if k > 20:
+        raise RequestError(
+            name, f"{name} is {k}; loglikelihood entries allow at most 20 top_logprobs"
+        )
+    return max(k, 0)
+
+
+def check_model(request: Any, raw_request: Request) -> None:
+    models = getattr(raw_request.app.state, "openai_serving_models", None)
+    if request.model and models is not None and not models.is_base_model(request.model):
+        raise RequestError(
+            "model",
+            f"loglikelihood is computed with the base model only; model {request.model!r} "
+            "is not the served base model",
+        )
