@@ -81,7 +81,9 @@ API_KEY = "test-key"
 class Server(ApiServer):
     """The demo model behind a real server, with the test settings and an `openai` client."""
 
-    def __init__(self, model: str, log_path, plugin: bool, api_key: str | None):
+    def __init__(
+        self, model: str, log_path, plugin: bool, api_key: str | None, env: dict | None = None
+    ):
         args = [
             "--served-model-name", "tiny", "--dtype", "float32",
             "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager", "--seed", "0",
@@ -92,7 +94,7 @@ class Server(ApiServer):
         if api_key:
             args += ["--api-key", api_key]
         self.api_key = api_key
-        super().__init__(model, args, log_path, plugin=plugin, timeout=240)
+        super().__init__(model, args, log_path, plugin=plugin, timeout=240, env=env)
 
     def client(self):
         import openai

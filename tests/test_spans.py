@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 import pytest
 
+from vllm_loglik.engine_output import EngineOutputError
 from vllm_loglik.jobs import Scorer
-from vllm_loglik.scoring import TokenDecoder, score_span
+from vllm_loglik.scoring import TokenDecoder, score_span, score_tokens
 from vllm_loglik.spans import (
     Span,
     get_rolling_token_windows,
@@ -120,11 +121,15 @@ def test_score_sums_and_greedy_and_top_logprobs():
     assert greedy_score.is_greedy and greedy_score.tokens[0].top_logprobs == []
 
 
-def test_score_rejects_mismatched_logprobs():
-    with pytest.raises(ValueError, match="positions"):
+def test_score_rejects_mismatched_logprobs_as_an_engine_fault():
+    with pytest.raises(EngineOutputError, match="1 entries"):
         score_span(Span([0, 3], 1), [None], TokenDecoder(FakeTokenizer()))
-    with pytest.raises(ValueError, match="no logprob"):
+    with pytest.raises(EngineOutputError, match="cannot read"):
         score_span(Span([0, 3], 1), [None, {9: LP(-1, 1)}], TokenDecoder(FakeTokenizer()))
+    with pytest.raises(EngineOutputError, match="no logprob for prompt position 1"):
+        score_tokens(Span([0, 3], 1), [{9: LP(-1, 1)}], TokenDecoder(FakeTokenizer()))
+    with pytest.raises(EngineOutputError, match="2 scored entries for 1"):
+        score_tokens(Span([0, 3], 1), [{3: LP(-1, 1)}] * 2, TokenDecoder(FakeTokenizer()))
 
 
 def test_scorer_errors_name_the_problem():

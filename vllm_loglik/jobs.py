@@ -12,11 +12,11 @@ so a scored prompt is at most `max_model_len - 1` tokens, and rolling windows us
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .scoring import PositionLogprobs, Score, TokenDecoder, combine, score_tokens
+from .scoring import Score, TokenDecoder, combine, score_tokens
 from .spans import (
     Span,
     TextEncoder,
@@ -149,12 +149,13 @@ class Scorer:
     def finish(
         self,
         job: Job,
-        prompt_logprobs: Sequence[Sequence[PositionLogprobs]],
+        scored_logprobs: Sequence[Sequence[Mapping[int, Any]]],
         top_logprobs: int = 0,
     ) -> Score:
-        """The `Score` of `job` from the engine's prompt logprobs, one list per span."""
+        """The `Score` of `job` from the entries of each span's scored positions, as
+        `vllm_loglik.engine_output.span_logprobs` reads them from the engine's output."""
         parts = [
             score_tokens(span, lps, self.decode, top_logprobs)
-            for span, lps in zip(job.spans, prompt_logprobs, strict=True)
+            for span, lps in zip(job.spans, scored_logprobs, strict=True)
         ]
         return combine(job.text, parts)

@@ -14,6 +14,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .engine_output import require_span_logprobs
 from .jobs import Job, Scorer, check_top_logprobs
 from .scoring import Score
 
@@ -45,10 +46,13 @@ def run_jobs(llm: Any, jobs: list[Job], top_logprobs: int, use_tqdm: bool) -> li
         params,
         use_tqdm=use_tqdm,
     )
-    logprobs = iter([out.prompt_logprobs for out in outputs])
-    return [
-        scorer.finish(job, [next(logprobs) for _ in job.spans], top_logprobs) for job in jobs
-    ]
+    scored = iter(
+        [
+            require_span_logprobs(out.prompt_logprobs, out.num_cached_tokens, span, out.request_id)
+            for span, out in zip(spans, outputs, strict=True)
+        ]
+    )
+    return [scorer.finish(job, [next(scored) for _ in job.spans], top_logprobs) for job in jobs]
 
 
 def _sequence(value: Any, name: str) -> Sequence[Any]:

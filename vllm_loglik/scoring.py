@@ -1,9 +1,9 @@
 """The arithmetic of a score: sum the logprobs of a span, decide greedy, build per-token entries.
 
-Input is what vLLM's prompt-logprobs path returns for one prompt: a list with one entry per
-prompt token, the first `None`, each other a mapping `{token_id: obj}` where `obj` has
-`.logprob` and `.rank` (vLLM's `Logprob`). The mapping holds the actual token and the top k
-alternatives. Nothing here needs an engine.
+Input is what vLLM's prompt-logprobs path returns for the scored positions of a span, read from
+the engine's output by `vllm_loglik.engine_output`: per position a mapping `{token_id: obj}`
+where `obj` has `.logprob` and `.rank` (vLLM's `Logprob`), holding the actual token and the top
+k alternatives. Nothing here needs an engine.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .engine_output import EngineOutputError, require_span_logprobs
 from .spans import Span
 
 
@@ -133,27 +134,28 @@ def _is_byte_level(tokenizer: Any) -> bool:
 
 def score_tokens(
     span: Span,
-    prompt_logprobs: Sequence[PositionLogprobs],
+    scored_logprobs: Sequence[Mapping[int, LogprobLike]],
     decode: TokenDecoder,
     top_logprobs: int = 0,
 ) -> list[TokenScore]:
-    """The scored tokens of `span`, from the engine's prompt logprobs of its whole prompt.
+    """The scored tokens of `span`, from the engine's entries for its scored positions.
 
-    `top_logprobs` alternatives are kept per token, best first (the engine must have been asked
-    for at least that many).
+    `scored_logprobs[i]` is the entry of prompt position `span.start + i`, as
+    `vllm_loglik.engine_output.span_logprobs` reads it from the engine's output (in either model
+    runner's layout). `top_logprobs` alternatives are kept per token, best first (the engine
+    must have been asked for at least that many).
     """
     ids = span.prompt_token_ids
-    if len(prompt_logprobs) != len(ids):
-        raise ValueError(
-            f"got prompt logprobs for {len(prompt_logprobs)} positions, expected {len(ids)}"
+    if len(scored_logprobs) != len(ids) - span.start:
+        raise EngineOutputError(
+            f"got {len(scored_logprobs)} scored entries for {len(ids) - span.start} scored tokens"
         )
     tokens = []
-    for pos in range(span.start, len(ids)):
+    for pos, entry in zip(range(span.start, len(ids)), scored_logprobs):
         token_id = ids[pos]
-        entry = prompt_logprobs[pos]
-        if entry is None or token_id not in entry:
-            raise ValueError(f"the engine returned no logprob for prompt position {pos}")
-        actual = entry[token_id]
+        actual = entry.get(token_id) if entry else None
+        if actual is None:
+            raise EngineOutputError(f"the engine returned no logprob for prompt position {pos}")
         alternatives = []
         if top_logprobs:
             ranked = sorted(entry.items(), key=lambda kv: kv[1].logprob, reverse=True)
@@ -181,10 +183,12 @@ def score_span(
     top_logprobs: int = 0,
     text: str | None = None,
 ) -> Score:
-    """The `Score` of one span; `text` labels it (by default, the scored tokens decoded)."""
+    """The `Score` of one span from the prompt logprobs of a request computed without the cache
+    (an entry per prompt position); `text` labels it (by default, the scored tokens decoded)."""
     if text is None:
         text = decode.tokenizer.decode(span.scored_token_ids)
-    return combine(text, [score_tokens(span, prompt_logprobs, decode, top_logprobs)])
+    scored = require_span_logprobs(prompt_logprobs, 0, span, "score_span")
+    return combine(text, [score_tokens(span, scored, decode, top_logprobs)])
 
 
 def combine(text: str, parts: Sequence[Sequence[TokenScore]]) -> Score:

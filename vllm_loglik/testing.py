@@ -145,8 +145,8 @@ class ApiServer:
 
     It runs `python -m vllm.entrypoints.openai.api_server`, the same server as `vllm serve`,
     because the CPU build's `vllm` command does not start. `plugin` sets `VLLM_PLUGINS` to
-    this package's plugin, or removes it. Output goes to `log_path`. Use it as a context manager,
-    or call `stop()`.
+    this package's plugin, or removes it; `env` adds environment variables. Output goes to
+    `log_path`. Use it as a context manager, or call `stop()`.
     """
 
     def __init__(
@@ -158,6 +158,7 @@ class ApiServer:
         plugin: bool = True,
         port: int | None = None,
         timeout: float = 300.0,
+        env: dict[str, str] | None = None,
     ) -> None:
         import os
         import socket
@@ -168,7 +169,7 @@ class ApiServer:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
-        env = dict(os.environ)
+        env = dict(os.environ, **(env or {}))
         env.pop("VLLM_PLUGINS", None)
         if plugin:
             env["VLLM_PLUGINS"] = "loglikelihood"

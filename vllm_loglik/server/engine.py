@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from starlette.datastructures import State
 
+from ..engine_output import EngineOutputError, require_span_logprobs, span_logprobs
 from ..jobs import Job, Scorer
 from ..protocol import DEFAULT_MAX_CONTINUATIONS
 from ..scoring import Score
@@ -32,8 +33,14 @@ class ServerScoring:
     engine computes only the uncached tail. This is safe only with `detokenize=False`: vLLM
     leaves the cached positions' prompt logprobs unset, and detokenizing them kills the engine.
     The warm-up prefix stops one token before the first scored position, so the logits that
-    predict the first scored token are always computed; and a span whose cache hit reaches a
-    scored position anyway (`num_cached_tokens`) is scored again without the cache.
+    predict the first scored token are always computed.
+
+    The rows of a cached request come back in the layout of the engine's model runner (V1 on
+    the CPU, V2 by default on a GPU); `vllm_loglik.engine_output.span_logprobs` reads both,
+    aligned by `num_cached_tokens`. A span whose output cannot be read that way, for whatever
+    reason (its cache hit reached a scored position, an unknown layout, a missing entry), is
+    scored again without the cache. Only if that output cannot be read either is it an
+    `EngineOutputError`: a server fault (HTTP 500), never a client's 400.
     """
 
     def __init__(self, engine_client: Any, state: State):
@@ -72,6 +79,8 @@ class ServerScoring:
         final = None
         async for out in self.engine.generate(TokensPrompt(prompt_token_ids=ids), params, request_id):
             final = out
+        if final is None:
+            raise EngineOutputError(f"engine request {request_id} returned no output")
         return final
 
     async def run(self, jobs: list[Job], top_logprobs: int) -> list[Score]:
@@ -92,20 +101,27 @@ class ServerScoring:
                 skip_reading_prefix_cache=not read_cache,
             )
 
-        async def one(i: int, span: Span):
-            out = await self._generate(span.prompt_token_ids, params(prefix is not None), f"loglik-{base}-{i}")
-            if prefix is not None and (out.num_cached_tokens or 0) > span.start - 1:
-                out = await self._generate(span.prompt_token_ids, params(False), f"loglik-{base}-{i}-full")
-            return out.prompt_logprobs
+        async def one(i: int, span: Span) -> list[Mapping[int, Any]]:
+            rid = f"loglik-{base}-{i}"
+            if prefix is not None:
+                out = await self._generate(span.prompt_token_ids, params(True), rid)
+                scored = span_logprobs(out.prompt_logprobs, out.num_cached_tokens, span)
+                if scored is not None:
+                    return scored
+                # The cache reached a scored position, or the output cannot be aligned in
+                # either runner's layout: compute the whole prompt.
+                rid += "-full"
+            out = await self._generate(span.prompt_token_ids, params(False), rid)
+            return require_span_logprobs(out.prompt_logprobs, out.num_cached_tokens, span, rid)
 
         tasks = [asyncio.ensure_future(one(i, s)) for i, s in enumerate(spans)]
         try:
-            logprobs = iter(await asyncio.gather(*tasks))
+            scored = iter(await asyncio.gather(*tasks))
         except BaseException:
             for task in tasks:
                 task.cancel()
             raise
         return [
-            self.scorer.finish(job, [next(logprobs) for _ in job.spans], top_logprobs)
+            self.scorer.finish(job, [next(scored) for _ in job.spans], top_logprobs)
             for job in jobs
         ]

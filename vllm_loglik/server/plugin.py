@@ -26,11 +26,16 @@ from fastapi.routing import APIRoute
 from starlette.datastructures import State
 
 from vllm.entrypoints.serve.utils.api_utils import with_cancellation
+from vllm.exceptions import VLLMError
 
 from .chat import score_chat
 from .completions import score_completion
 from .engine import ServerScoring
-from .protocol import LoglikelihoodChatCompletionRequest, LoglikelihoodCompletionRequest
+from .protocol import (
+    LoglikelihoodChatCompletionRequest,
+    LoglikelihoodCompletionRequest,
+    internal_error_response,
+)
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 
@@ -51,7 +56,15 @@ def _wrap(original: APIRoute, request_model: type, handler: Handler) -> Handler:
     async def endpoint(request: Any, raw_request: Request):
         if not request.loglikelihood:
             return await original_endpoint(request, raw_request)
-        return await scored(request, raw_request)
+        try:
+            return await scored(request, raw_request)
+        except VLLMError:
+            raise  # the engine's own errors: vLLM's exception handlers answer them
+        except Exception as e:
+            # Bad input was answered with a 400 inside the handler; anything raised here is a
+            # fault of the server. vLLM's fallback handler would answer a ValueError with a
+            # 400 that quotes it.
+            return internal_error_response(e)
 
     # FastAPI reads the body model from the annotation.
     endpoint.__annotations__ = {"request": request_model, "raw_request": Request}

@@ -3,11 +3,14 @@
 The field's value (`true` or a `LoglikelihoodOptions` object) is defined in
 `vllm_loglik.protocol`, which clients import without vLLM; this module binds it to vLLM's
 request classes, so that FastAPI validates it and `/openapi.json` documents it. Bad input is
-reported as a `RequestError`, which the handlers turn into HTTP 400 in the OpenAI error shape.
+reported as a `RequestError`, which the handlers turn into HTTP 400 in the OpenAI error shape; a
+fault of the server is HTTP 500 in the same shape (`internal_error_response`).
 """
 
 from __future__ import annotations
 
+import logging
+import uuid
 from http import HTTPStatus
 from typing import Any
 
@@ -18,6 +21,8 @@ from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionReque
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
 from ..protocol import LOGLIKELIHOOD_DESCRIPTION, LoglikelihoodOptions, parse_loglikelihood
+
+logger = logging.getLogger("vllm_loglik.server")
 
 
 class _WithLoglikelihood(BaseModel):
@@ -63,12 +68,29 @@ class RequestError(ValueError):
 
 def error_response(message: str, param: str | None, status: HTTPStatus) -> JSONResponse:
     """An error in the shape of vLLM's (and OpenAI's) `ErrorResponse`."""
+    kind = {HTTPStatus.BAD_REQUEST: "BadRequestError", HTTPStatus.INTERNAL_SERVER_ERROR: "InternalServerError"}
     body = {
         "error": {
             "message": message,
-            "type": "BadRequestError" if status == HTTPStatus.BAD_REQUEST else status.phrase,
+            "type": kind.get(status, status.phrase),
             "param": param,
             "code": status.value,
         }
     }
     return JSONResponse(body, status_code=status.value)
+
+
+def internal_error_response(exc: BaseException) -> JSONResponse:
+    """HTTP 500 for a fault in the server (ours or the engine's), never blamed on the client.
+
+    The body says only that scoring failed and gives an id to look up; the exception, with its
+    traceback, goes to the server log under that id.
+    """
+    error_id = f"loglik-error-{uuid.uuid4().hex[:16]}"
+    logger.error("loglikelihood request failed (%s)", error_id, exc_info=exc)
+    return error_response(
+        f"internal error while computing loglikelihood (error id {error_id}); the server log "
+        "has the details",
+        None,
+        HTTPStatus.INTERNAL_SERVER_ERROR,
+    )

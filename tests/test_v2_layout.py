@@ -1,0 +1,145 @@
+"""The server on vLLM's GPU model runner (V2) layout of prompt logprobs, simulated on the CPU.
+
+A GPU server runs Model Runner V2, which returns the prompt logprobs of a request that read the
+prefix cache as `[None]` plus the computed rows only; the CPU build runs V1 (see
+`vllm_loglik.engine_output`). This server has `tests/v2_layout/sitecustomize.py` on its
+`PYTHONPATH`, which rewrites every V1 output into V2's layout before the plugin reads it. The
+shared-context path must give the uncached numbers from the cached rows, without scoring again.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from pathlib import Path
+
+import httpx
+import pytest
+
+import vllm_loglik
+from tests.conftest import Server
+from tests.test_server import LONG_CONTEXT, MODEL, OPTIONS, assert_same, prefix_cache_hits
+from vllm_loglik.protocol import LoglikelihoodEntry, entries
+
+HOOK_DIR = Path(__file__).parent / "v2_layout"
+
+
+@pytest.fixture(scope="session")
+def v2_server(model_path, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("v2-logs")
+    rewrites = logs / "rewrites.txt"
+    rewrites.touch()
+    env = {"PYTHONPATH": str(HOOK_DIR), "VLLM_LOGLIK_V2_LAYOUT_LOG": str(rewrites)}
+    srv = Server(model_path, logs / "server.log", True, None, env=env)
+    srv.rewrites = rewrites
+    yield srv
+    srv.stop()
+
+
+def finished_requests(server) -> float:
+    text = httpx.get(server.url + "/metrics").text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("vllm:request_success_total")
+    )
+
+
+def rewrites(server) -> list[tuple[str, int, int, int]]:
+    """(request id, V1 length, cached tokens, V2 length) of each output the hook rewrote."""
+    rows = []
+    for line in server.rewrites.read_text().splitlines():
+        rid, v1, cached, v2 = line.split()
+        rows.append((rid, int(v1), int(cached), int(v2)))
+    return rows
+
+
+def test_shared_context_reads_v2_layout_without_rescoring(v2_server, llm):
+    offline = vllm_loglik.loglikelihood(llm, [(LONG_CONTEXT, o) for o in OPTIONS], top_logprobs=2)
+    before_requests, before_hits = finished_requests(v2_server), prefix_cache_hits(v2_server)
+    before_rows = len(rewrites(v2_server))
+    response = v2_server.client().completions.create(
+        model=MODEL, prompt=LONG_CONTEXT, max_tokens=0,
+        extra_body={"loglikelihood": {"continuations": OPTIONS, "top_logprobs": 2}},
+    )  # fmt: skip
+    for entry, score in zip(entries(response.choices[0]), offline, strict=True):
+        assert_same(entry, score)
+    # The outputs were in V2's layout: shorter than the prompt by the cached tokens.
+    rows = rewrites(v2_server)[before_rows:]
+    assert len(rows) == len(OPTIONS)
+    assert all(v2 == v1 - cached and cached >= 64 for _, v1, cached, v2 in rows)
+    # Each continuation read the context from the cache, and none was scored again:
+    # one warm-up request plus one request per continuation.
+    assert prefix_cache_hits(v2_server) - before_hits >= len(OPTIONS) * 64
+    assert finished_requests(v2_server) - before_requests == 1 + len(OPTIONS)
+
+
+def test_chat_and_concurrent_requests_on_v2_layout(v2_server, llm):
+    chat = [{"role": "user", "content": LONG_CONTEXT}]
+    [offline_chat] = vllm_loglik.chat_loglikelihood(llm, [chat], candidates=[OPTIONS])
+    response = v2_server.client().chat.completions.create(
+        model=MODEL, messages=chat, max_tokens=0,
+        extra_body={"loglikelihood": {"continuations": OPTIONS}},
+    )  # fmt: skip
+    for entry, score in zip(entries(response.choices[0]), offline_chat, strict=True):
+        assert_same(entry, score)
+
+    contexts = [LONG_CONTEXT, LONG_CONTEXT.replace("building", "place"), LONG_CONTEXT + " Hmm."]
+    expected = {
+        c: vllm_loglik.loglikelihood(llm, [(c, o) for o in OPTIONS]) for c in contexts
+    }
+
+    def ask(context: str) -> httpx.Response:
+        body = {"model": MODEL, "prompt": context, "max_tokens": 0,
+                "loglikelihood": {"continuations": OPTIONS}}  # fmt: skip
+        return httpx.post(v2_server.url + "/v1/completions", json=body, timeout=120)
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(ask, contexts * 2))
+    for context, response in zip(contexts * 2, results, strict=True):
+        assert response.status_code == 200, response.text
+        got = response.json()["choices"][0]["loglikelihood"]
+        for entry, score in zip(got, expected[context], strict=True):
+            assert_same(LoglikelihoodEntry.model_validate(entry), score)
+    assert v2_server.alive()
+
+
+BREAK_CACHED = [1000, 1001, 1002, 1003]  # see tests/v2_layout/sitecustomize.py
+BREAK_ALL = [1003, 1002, 1001, 1000]
+
+
+def test_unreadable_cached_output_is_scored_again(v2_server, ref):
+    bos = ref.tokenizer.bos_token_id
+    ctx = [bos] + BREAK_CACHED + ref.tokenizer.encode(LONG_CONTEXT, add_special_tokens=False)
+    body = {"model": MODEL, "prompt": ctx, "max_tokens": 0,
+            "loglikelihood": {"continuations": OPTIONS}}  # fmt: skip
+    before = finished_requests(v2_server)
+    response = httpx.post(v2_server.url + "/v1/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    for entry, option in zip(response.json()["choices"][0]["loglikelihood"], OPTIONS, strict=True):
+        cont = ref.tokenizer.encode(option, add_special_tokens=False)
+        want, _ = ref.score(ctx + cont, len(ctx))
+        assert [t["token_id"] for t in entry["content"]] == cont
+        for got, lp in zip(entry["content"], want, strict=True):
+            assert abs(got["logprob"] - lp) <= 1e-4
+    # The warm-up, a cached attempt per continuation, and the same again without the cache.
+    assert finished_requests(v2_server) - before == 1 + 2 * len(OPTIONS)
+
+
+def test_unreadable_output_is_a_500_with_an_error_id_never_a_400(v2_server):
+    prompt = [1] + BREAK_ALL + [5, 6, 7]
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 0, "loglikelihood": True}
+    response = httpx.post(v2_server.url + "/v1/completions", json=body, timeout=120)
+    assert response.status_code == 500, response.text
+    error = response.json()["error"]
+    assert error["type"] == "InternalServerError" and error["code"] == 500
+    assert error["param"] is None
+    assert "error id loglik-error-" in error["message"]
+    assert "Traceback" not in response.text and "positions" not in response.text
+    error_id = error["message"].split("error id ")[1].split(")")[0]
+    log = v2_server.log_path.read_text()
+    assert error_id in log and "EngineOutputError" in log
+    # Nothing else is affected: the server lives, and the next request is served.
+    good = dict(body, prompt=[1, 5, 6, 7])
+    response = httpx.post(v2_server.url + "/v1/completions", json=good, timeout=120)
+    assert response.status_code == 200
+    assert response.json()["choices"][0]["loglikelihood"][0]["num_tokens"] == 3
