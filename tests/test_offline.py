@@ -22,12 +22,14 @@ PAIRS = [
     ("The capital of Italy is", " Paris"),  # a single-token continuation
     ("line one\n", "\n\tindented"),
     ("Math:", " 𝔘𝔫𝔦 ∀x ✓"),  # characters the tokenizer never saw: byte tokens
+    ("東京は日本の", "首都です。"),  # BPE merges across the boundary (see MERGED)
 ]
 
 
-def lm_eval_split(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
+def reference_split(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """lm-eval 0.4.13's `_encode_pair`, written out on the HF tokenizer, with vLLM's encoding
-    (special tokens added) and the prefix token for an empty context."""
+    (special tokens added) and the prefix token for an empty context; where BPE merges across
+    the boundary, the continuation encoded on its own (the README's rule)."""
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces > 0:
         continuation = context[-n_spaces:] + continuation
@@ -36,7 +38,39 @@ def lm_eval_split(tok, context: str, continuation: str) -> tuple[list[int], list
         return [tok.bos_token_id], tok.encode(continuation, add_special_tokens=False)
     whole = tok.encode(context + continuation)
     ctx = tok.encode(context)
+    if whole[: len(ctx)] != ctx:
+        return ctx, tok.encode(continuation, add_special_tokens=False)
     return ctx, whole[len(ctx) :]
+
+
+#: Pairs where the demo tokenizer merges tokens across the boundary, so that `encode(context)`
+#: is not a prefix of `encode(context + continuation)` (its corpus has such text on purpose).
+MERGED = [
+    ("東京は日本の", "首都です。"),
+    ("北京是中国的", "首都。"),
+    ("print(", ")"),
+    ("x = foo(", ")"),
+    ("Great!", "🙂"),
+    ("Hooray!", "🎉🎉"),
+]
+
+
+def test_merges_across_the_boundary_score_every_character(llm, ref):
+    tok = ref.tokenizer
+    scores = vllm_loglik.loglikelihood(llm, MERGED)
+    for (context, continuation), score in zip(MERGED, scores, strict=True):
+        ctx, whole = tok.encode(context), tok.encode(context + continuation)
+        assert whole[: len(ctx)] != ctx, "the tokenizer no longer merges here"
+        cont = tok.encode(continuation, add_special_tokens=False)
+        # lm-eval's whole[len(ctx):] would lose characters; every one is scored here.
+        assert tok.decode(whole[len(ctx) :]) != continuation
+        assert_matches(score, ref, ctx + cont, len(ctx))
+        assert bytes(b for t in score.tokens for b in t.bytes).decode("utf-8") == continuation
+    # Where the prefix holds, lm-eval's split is kept exactly, merges inside the
+    # continuation included.
+    [score] = vllm_loglik.loglikelihood(llm, [("Thanks", "!🙂")])
+    ctx, whole = tok.encode("Thanks"), tok.encode("Thanks!🙂")
+    assert whole[: len(ctx)] == ctx and score.token_ids == whole[len(ctx) :]
 
 
 def assert_matches(score, ref, ids: list[int], start: int):
@@ -54,7 +88,7 @@ def test_pairs_match_transformers(llm, ref):
     scores = vllm_loglik.loglikelihood(llm, PAIRS)
     assert len(scores) == len(PAIRS)
     for (context, continuation), score in zip(PAIRS, scores, strict=True):
-        ctx, cont = lm_eval_split(ref.tokenizer, context, continuation)
+        ctx, cont = reference_split(ref.tokenizer, context, continuation)
         assert ctx.count(ref.tokenizer.bos_token_id) == 1
         assert_matches(score, ref, ctx + cont, len(ctx))
     # The boundary rule makes these two the same request.
@@ -80,7 +114,7 @@ def test_is_greedy_true_when_continuation_is_the_argmax(llm, ref):
         next_id = argmax[-1]
         continuation = ref.tokenizer.decode([next_id])
         (score,) = vllm_loglik.loglikelihood(llm, [(context, continuation)])
-        ctx, cont = lm_eval_split(ref.tokenizer, context, continuation)
+        ctx, cont = reference_split(ref.tokenizer, context, continuation)
         assert_matches(score, ref, ctx + cont, len(ctx))
         found_greedy += score.is_greedy
     assert found_greedy >= 1
@@ -92,7 +126,7 @@ def test_top_logprobs_match_transformers(llm, ref):
     (score,) = vllm_loglik.loglikelihood(
         llm, [("The capital of France is", " Paris, and Rome")], top_logprobs=5
     )
-    ctx, cont = lm_eval_split(ref.tokenizer, "The capital of France is", " Paris, and Rome")
+    ctx, cont = reference_split(ref.tokenizer, "The capital of France is", " Paris, and Rome")
     ids = ctx + cont
     with torch.no_grad():
         logits = ref.model(torch.tensor([ids])).logits[0].float()
@@ -210,6 +244,27 @@ def test_one_engine_call_per_invocation(llm, monkeypatch):
             r"requests\[0\]: context plus continuation is \d+ tokens long",
         ),
         (lambda llm: vllm_loglik.loglikelihood(llm, [("only one",)]), "pair"),
+        (
+            lambda llm: vllm_loglik.loglikelihood(llm, [("ok", " \ud800")]),
+            r"requests\[0\]: the continuation is not valid Unicode: it holds a lone surrogate "
+            r"\(U\+D800\) at character 1",
+        ),
+        (
+            lambda llm: vllm_loglik.loglikelihood(llm, [("a\udfff", " b")]),
+            "the context is not valid Unicode",
+        ),
+        (
+            lambda llm: vllm_loglik.loglikelihood_rolling(llm, ["x\ud800"]),
+            "the rolling text is not valid Unicode",
+        ),
+        (
+            lambda llm: vllm_loglik.prompt_loglikelihood(llm, ["\ud800"]),
+            "the prompt is not valid Unicode",
+        ),
+        (
+            lambda llm: vllm_loglik.chat_loglikelihood(llm, [[{"role": "user", "content": "\ud83d"}]]),
+            r"conversation\[0\].content is not valid Unicode",
+        ),
         (lambda llm: vllm_loglik.loglikelihood(llm, "not a list"), "requests must be a list"),
         (lambda llm: vllm_loglik.chat_loglikelihood(llm, ["hello"]), "list of messages"),
         (lambda llm: vllm_loglik.chat_loglikelihood(llm, "hello"), "conversations must be"),
@@ -237,5 +292,5 @@ def test_engine_still_serves_after_errors(llm, ref):
     with pytest.raises(ValueError):
         vllm_loglik.loglikelihood(llm, [("word " * 200, " more")])
     (score,) = vllm_loglik.loglikelihood(llm, [("A", "B")])
-    ctx, cont = lm_eval_split(ref.tokenizer, "A", "B")
+    ctx, cont = reference_split(ref.tokenizer, "A", "B")
     assert_matches(score, ref, ctx + cont, len(ctx))

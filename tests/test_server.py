@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
 
 import vllm_loglik
 from tests.conftest import API_KEY, MAX_MODEL_LEN
-from tests.test_offline import CHAT, PAIRS, TOL, assert_matches, chat_reference_ids, lm_eval_split
+from tests.test_offline import (
+    CHAT,
+    MERGED,
+    PAIRS,
+    TOL,
+    assert_matches,
+    chat_reference_ids,
+    reference_split,
+)
 from vllm_loglik.protocol import LoglikelihoodEntry, entries
 
 MODEL = "tiny"
@@ -28,8 +38,13 @@ def assert_same(entry: LoglikelihoodEntry, score: vllm_loglik.Score) -> None:
 
 
 def post(server, path: str, body: dict, key: str | None = API_KEY) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.post(server.url + path, json=body, headers=headers, timeout=120)
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    # json.dumps escapes non-ASCII, so that a lone surrogate travels as `\ud800`, as any JSON
+    # client may send it (httpx's `json=` would fail to encode it).
+    content = json.dumps(body)
+    return httpx.post(server.url + path, content=content, headers=headers, timeout=120)
 
 
 def test_completion_continuations_match_offline_and_transformers(server, llm, ref):
@@ -53,9 +68,37 @@ def test_completion_continuations_match_offline_and_transformers(server, llm, re
         for entry, (i, continuation) in zip(got, items, strict=True):
             assert entry.text == continuation
             assert_same(entry, offline[i])
-            ctx, cont = lm_eval_split(ref.tokenizer, context, continuation)
+            ctx, cont = reference_split(ref.tokenizer, context, continuation)
             assert_matches(offline[i], ref, ctx + cont, len(ctx))
             assert all(len(t.top_logprobs) == 3 for t in entry.content)
+
+
+def test_merges_across_the_boundary_on_both_endpoints(server, llm, ref):
+    """The boundary rule holds for text and token-id contexts, and for chat candidates."""
+    tok = ref.tokenizer
+    offline = vllm_loglik.loglikelihood(llm, MERGED)
+    for (context, continuation), score in zip(MERGED, offline, strict=True):
+        for prompt in (context, tok.encode(context)):
+            body = {"model": MODEL, "prompt": prompt, "max_tokens": 0,
+                    "loglikelihood": {"continuations": [continuation]}}  # fmt: skip
+            response = post(server, "/v1/completions", body)
+            assert response.status_code == 200, response.text
+            (entry,) = response.json()["choices"][0]["loglikelihood"]
+            assert_same(LoglikelihoodEntry.model_validate(entry), score)
+    # Chat: a candidate whose first characters merge with nothing before them is scored
+    # whole, under the template, as the offline API and transformers score it.
+    chat = [{"role": "user", "content": "東京は日本の"}]
+    candidates = ["首都です。", "🎉🎉", ")"]
+    [want] = vllm_loglik.chat_loglikelihood(llm, [chat], candidates=[candidates])
+    response = server.client().chat.completions.create(
+        model=MODEL, messages=chat, max_tokens=0,
+        extra_body={"loglikelihood": {"continuations": candidates}},
+    )  # fmt: skip
+    for entry, score, text in zip(entries(response.choices[0]), want, candidates, strict=True):
+        assert_same(entry, score)
+        conversation = chat + [{"role": "assistant", "content": text}]
+        assert_matches(score, ref, *chat_reference_ids(tok, conversation))
+        assert tok.decode(score.token_ids).startswith(text)
 
 
 def test_whole_prompt_true_with_text_ids_batch_and_n(server, llm, ref):
@@ -245,8 +288,43 @@ BAD_REQUESTS = [
     ),
 ]
 
+#: Text that no tokenizer can encode: a JSON string holding a lone surrogate.
+UNENCODABLE = [
+    ("/v1/completions", {"prompt": "Hi \ud800", "loglikelihood": True}, "prompt"),
+    (
+        "/v1/completions",
+        {"prompt": "Hi \ud800", "loglikelihood": {"continuations": [" a"]}},
+        "prompt",
+    ),
+    (
+        "/v1/completions",
+        {"prompt": ["ok", "Hi \udc00"], "loglikelihood": True},
+        "prompt[1]",
+    ),
+    (
+        "/v1/completions",
+        {"loglikelihood": {"continuations": [" a", " \ud800"]}},
+        "loglikelihood.continuations[1]",
+    ),
+    (
+        "/v1/completions",
+        {"prompt": [1, 5, 6], "loglikelihood": {"continuations": ["\ud800"]}},
+        "loglikelihood.continuations[0]",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x \ud800"}], "loglikelihood": True},
+        "messages[0].content",
+    ),
+    (
+        "/v1/chat/completions",
+        {"loglikelihood": {"continuations": ["fine", "\udfff"]}},
+        "loglikelihood.continuations[1]",
+    ),
+]
 
-@pytest.mark.parametrize(("path", "extra", "param"), BAD_REQUESTS)
+
+@pytest.mark.parametrize(("path", "extra", "param"), BAD_REQUESTS + UNENCODABLE)
 def test_bad_input_is_400_naming_the_field_then_next_request_works(server, path, extra, param):
     body = {"model": MODEL, "max_tokens": 0}
     if path == "/v1/completions":
@@ -272,6 +350,17 @@ def test_bad_input_is_400_naming_the_field_then_next_request_works(server, path,
     response = post(server, path, good)
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["loglikelihood"][0]["num_tokens"] > 0
+
+
+@pytest.mark.parametrize(("path", "extra", "param"), UNENCODABLE)
+def test_unencodable_text_is_400_with_param_set(server, path, extra, param):
+    body = {"model": MODEL, "max_tokens": 0, "messages": CHAT[:2], "prompt": "Hi"} | extra
+    response = post(server, path, body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param
+    assert param in error["message"] and "not valid Unicode" in error["message"]
+    assert "TextEncodeInput" not in error["message"]
 
 
 def test_openai_client_raises_bad_request(server):
@@ -401,7 +490,7 @@ def test_shared_context_is_computed_once_and_matches_uncached(server, llm, ref):
     # Each continuation read the context's full blocks from the prefix cache.
     assert prefix_cache_hits(server) - hits_before >= len(OPTIONS) * 64
     for (context, option), score in zip([(LONG_CONTEXT, o) for o in OPTIONS], offline, strict=True):
-        ctx, cont = lm_eval_split(ref.tokenizer, context, option)
+        ctx, cont = reference_split(ref.tokenizer, context, option)
         assert_matches(score, ref, ctx + cont, len(ctx))
 
     # Chat candidates share their rendered head the same way.
@@ -452,7 +541,7 @@ def test_lm_eval_local_completions_wire_format_agrees(server, llm, ref):
     prompts with echo and reads `token_logprobs[ctxlen:-1]`; through the plugin's server that
     stock path still works, and gives our numbers."""
     pairs = [PAIRS[0], PAIRS[2], (LONG_CONTEXT, OPTIONS[0])]
-    split = [lm_eval_split(ref.tokenizer, c, x) for c, x in pairs]
+    split = [reference_split(ref.tokenizer, c, x) for c, x in pairs]
     payload = {
         "model": MODEL,
         "prompt": [ctx + cont for ctx, cont in split],

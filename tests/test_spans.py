@@ -11,10 +11,14 @@ from vllm_loglik.jobs import Scorer
 from vllm_loglik.scoring import TokenDecoder, score_span, score_tokens
 from vllm_loglik.spans import (
     Span,
+    TextEncoder,
+    check_text,
     get_rolling_token_windows,
     make_disjoint_window,
     move_trailing_whitespace,
+    pair_span,
     prompt_span,
+    validate_conversation,
 )
 
 
@@ -153,3 +157,48 @@ def test_scorer_errors_name_the_problem():
     spans = scorer.rolling("abcdefghijklmnopqrstuvwxyz").spans
     assert all(len(s.prompt_token_ids) <= 7 for s in spans)
     assert [t for s in spans for t in s.scored_token_ids] == list(range(26))
+
+
+class MergingTokenizer(FakeTokenizer):
+    """FakeTokenizer with one BPE merge: "xy" is the single token 50."""
+
+    def encode(self, text, add_special_tokens=True):
+        ids, i = [], 0
+        while i < len(text):
+            if text.startswith("xy", i):
+                ids.append(50)
+                i += 2
+            else:
+                ids.append(ord(text[i]) - 97)
+                i += 1
+        return ([0] if add_special_tokens else []) + ids
+
+
+def test_pair_keeps_lm_eval_split_where_the_context_is_a_prefix():
+    encoder = TextEncoder(MergingTokenizer())
+    # The merge is inside the continuation: lm-eval's whole[len(ctx):] as it is.
+    span = pair_span(encoder, "ab", "cxy")
+    assert span.prompt_token_ids == [0, 0, 1, 2, 50] and span.start == 3
+
+
+def test_pair_encodes_the_continuation_alone_when_bpe_merges_across_the_boundary():
+    encoder = TextEncoder(MergingTokenizer())
+    # encode("abx") = [0, 0, 1, 23] is not a prefix of encode("abxyz") = [0, 0, 1, 50, 25]:
+    # lm-eval would score [25] ("z") and lose "y"; the continuation is scored whole instead.
+    span = pair_span(encoder, "abx", "yz")
+    assert span.prompt_token_ids == [0, 0, 1, 23, 24, 25] and span.start == 4
+    assert span.scored_token_ids == [24, 25]
+    # Where the merge swallows the whole continuation, lm-eval's split scores nothing at all.
+    span = pair_span(encoder, "x", "y")
+    assert span.prompt_token_ids == [0, 23, 24] and span.scored_token_ids == [24]
+
+
+def test_unencodable_text_is_a_value_error_naming_it():
+    encoder = TextEncoder(FakeTokenizer())
+    with pytest.raises(ValueError, match=r"the continuation is not valid Unicode.*U\+D800"):
+        pair_span(encoder, "ab", "c\ud800")
+    with pytest.raises(ValueError, match="the context is not valid Unicode"):
+        pair_span(encoder, "\udc00", "c")
+    with pytest.raises(ValueError, match=r"conversation\[1\].content is not valid Unicode"):
+        validate_conversation([{"role": "user", "content": "a"}, {"role": "user", "content": "\ud800"}])
+    assert check_text("ok 🙂") == "ok 🙂"

@@ -21,6 +21,7 @@ from .spans import (
     Span,
     TextEncoder,
     chat_span,
+    check_text,
     pair_span,
     prompt_span,
     rolling_spans,
@@ -77,6 +78,7 @@ class Scorer:
     def pair_ids(self, context_ids: Sequence[int], continuation: str) -> Job:
         """`continuation` after a context given as token ids: the continuation is encoded on its
         own, without special tokens, and appended (there is no text to move whitespace in)."""
+        check_text(continuation, "the continuation")
         if continuation == "":
             raise ValueError("continuation must not be empty: there would be no token to score")
         ids = list(context_ids) or [self.encoder.prefix_token_id]
@@ -87,7 +89,7 @@ class Scorer:
     def prompt(self, prompt: str | Sequence[int]) -> Job:
         """Every prompt token but the first; a string is encoded as vLLM encodes a prompt."""
         if isinstance(prompt, str):
-            ids = self.encoder.encode(prompt)
+            ids = self.encoder.encode(check_text(prompt, "the prompt"))
         elif isinstance(prompt, Sequence) and all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt
         ):

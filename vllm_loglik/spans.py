@@ -66,10 +66,25 @@ class TextEncoder:
         self.prefix_token_id: int = prefix
 
     def encode(self, text: str) -> list[int]:
+        check_text(text)
         return list(self.tokenizer.encode(text, add_special_tokens=True))
 
     def encode_plain(self, text: str) -> list[int]:
+        check_text(text)
         return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+
+def check_text(text: str, what: str = "text") -> str:
+    """`text`, if it can be encoded: a JSON string may hold a lone surrogate (`"\\ud800"`),
+    which is not a Unicode character and which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{what} is not valid Unicode: it holds a lone surrogate "
+            f"(U+{ord(text[e.start]):04X}) at character {e.start}, which cannot be encoded"
+        ) from None
+    return text
 
 
 def move_trailing_whitespace(context: str, continuation: str) -> tuple[str, str]:
@@ -84,18 +99,31 @@ def move_trailing_whitespace(context: str, continuation: str) -> tuple[str, str]
 
 
 def pair_span(encoder: TextEncoder, context: str, continuation: str) -> Span:
-    """The span of `continuation` given `context`, split as lm-eval 0.4.13 does.
+    """The span of `continuation` given `context`, split as lm-eval 0.4.13 does where it can.
 
-    After `move_trailing_whitespace`, `ctx = encode(context)`, `whole = encode(context +
-    continuation)`, and the continuation tokens are `whole[len(ctx):]`. The prompt is
-    `ctx + whole[len(ctx):]`. An empty context becomes the prefix token alone, and the
-    continuation is then encoded without special tokens, so there is never a second BOS.
+    After `move_trailing_whitespace`, `ctx = encode(context)` and `whole = encode(context +
+    continuation)`. When `ctx` is a prefix of `whole` (text with a space or punctuation at the
+    boundary, nearly always), the continuation tokens are `whole[len(ctx):]`: lm-eval's rule.
+    An empty context becomes the prefix token alone, and the continuation is then encoded
+    without special tokens, so there is never a second BOS.
 
-    Example, with a BOS-adding tokenizer: `("The capital of France is", " Paris")` gives
-    `ctx = [<s>, The, capital, of, France, is]`, continuation `[ Par, is]`, start 6.
+    When `ctx` is not a prefix of `whole`, BPE merged tokens across the boundary (text without
+    spaces: Chinese, Japanese, code, emoji). lm-eval's `whole[len(ctx):]` would then drop
+    characters of the continuation, or leave no token at all (a zero logprob that wins every
+    comparison). Here the continuation is encoded on its own, without special tokens, and
+    appended to `ctx`, so every character of it is scored, given exactly the context.
+
+    Examples, with the demo tokenizer (it adds `<s>`)::
+
+        ("The capital of France is", " Paris")
+            ctx [<s> The ␣capital ␣of ␣Fran ce ␣is]   whole = ctx + [␣Paris]   scored [␣Paris]
+        ("print(", ")")
+            ctx [<s> pr int (]   whole [<s> pr int ()]: merged   scored encode_plain(")") = [)]
     """
     if not isinstance(context, str) or not isinstance(continuation, str):
         raise ValueError("context and continuation must both be strings")
+    check_text(context, "the context")
+    check_text(continuation, "the continuation")
     if continuation == "":
         raise ValueError("continuation must not be empty: there would be no token to score")
     context, continuation = move_trailing_whitespace(context, continuation)
@@ -104,7 +132,11 @@ def pair_span(encoder: TextEncoder, context: str, continuation: str) -> Span:
         cont = encoder.encode_plain(continuation)
     else:
         ctx = encoder.encode(context)
-        cont = encoder.encode(context + continuation)[len(ctx) :]
+        whole = encoder.encode(context + continuation)
+        if whole[: len(ctx)] == ctx:
+            cont = whole[len(ctx) :]
+        else:
+            cont = encoder.encode_plain(continuation)
     if not cont:
         raise ValueError(f"continuation {continuation!r} encodes to no tokens after its context")
     return Span(ctx + cont, len(ctx))
@@ -174,6 +206,7 @@ def rolling_spans(encoder: TextEncoder, text: str, max_seq_len: int) -> list[Spa
     """
     if not isinstance(text, str):
         raise ValueError(f"a rolling text must be a string, got {type(text).__name__}")
+    check_text(text, "the rolling text")
     tokens = encoder.encode_plain(text)
     if not tokens:
         raise ValueError("a rolling text must not be empty: there would be no token to score")
@@ -200,6 +233,7 @@ def validate_conversation(conversation: Any, what: str = "conversation") -> list
             raise ValueError(f"{what}[{i}].role must be a non-empty string")
         if not isinstance(content, str):
             raise ValueError(f"{what}[{i}].content must be a string")
+        check_text(content, f"{what}[{i}].content")
         messages.append(dict(message))
     return messages
 

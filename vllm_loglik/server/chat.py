@@ -9,6 +9,7 @@ from typing import Any
 
 from fastapi import Request
 
+from ..spans import check_text
 from .engine import ServerScoring
 from .protocol import LoglikelihoodChatCompletionRequest, RequestError, error_response
 from .responses import as_entries, chat_response, merge, no_generation, scored_prompt_tokens
@@ -34,6 +35,10 @@ def chat_messages(messages: Any) -> list[dict[str, Any]]:
                     )
                 parts.append(part.get("text", ""))
             content = "\n".join(parts)
+        try:
+            check_text(content, f"messages[{i}].content")
+        except ValueError as e:
+            raise RequestError(f"messages[{i}].content", str(e)) from None
         message["content"] = content
         out.append(message)
     return out

@@ -10,6 +10,7 @@ from fastapi import Request
 
 from ..jobs import Job, Scorer
 from ..protocol import LoglikelihoodOptions
+from ..spans import check_text
 from .engine import ServerScoring
 from .protocol import LoglikelihoodCompletionRequest, RequestError, error_response
 from .responses import (
@@ -83,6 +84,8 @@ def completion_jobs(
 ) -> list[Job]:
     where = f"prompt[{p}]" if count > 1 else "prompt"
     try:
+        if isinstance(prompt, str):
+            check_text(prompt, where)
         if options.continuations is None:
             return [scorer.prompt(prompt)]
         jobs = []
