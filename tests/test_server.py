@@ -457,13 +457,16 @@ def test_context_length_edge(server, ref):
     assert "prompt" in response.json()["error"]["message"]
 
 
-def prefix_cache_hits(server) -> float:
+def metric_total(server, name: str) -> float:
+    """The sum of a Prometheus counter over its labels, from the server's `/metrics`."""
     text = httpx.get(server.url + "/metrics").text
     return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("vllm:prefix_cache_hits_total")
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name)
     )
+
+
+def prefix_cache_hits(server) -> float:
+    return metric_total(server, "vllm:prefix_cache_hits_total")
 
 
 LONG_CONTEXT = (

@@ -17,7 +17,14 @@ import pytest
 
 import vllm_loglik
 from tests.conftest import Server
-from tests.test_server import LONG_CONTEXT, MODEL, OPTIONS, assert_same, prefix_cache_hits
+from tests.test_server import (
+    LONG_CONTEXT,
+    MODEL,
+    OPTIONS,
+    assert_same,
+    metric_total,
+    prefix_cache_hits,
+)
 from vllm_loglik.protocol import LoglikelihoodEntry, entries
 
 HOOK_DIR = Path(__file__).parent / "v2_layout"
@@ -36,12 +43,7 @@ def v2_server(model_path, tmp_path_factory):
 
 
 def finished_requests(server) -> float:
-    text = httpx.get(server.url + "/metrics").text
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("vllm:request_success_total")
-    )
+    return metric_total(server, "vllm:request_success_total")
 
 
 def rewrites(server) -> list[tuple[str, int, int, int]]:
