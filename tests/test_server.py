@@ -101,6 +101,43 @@ def test_merges_across_the_boundary_on_both_endpoints(server, llm, ref):
         assert tok.decode(score.token_ids).startswith(text)
 
 
+def test_compact_response_has_the_totals_and_no_tokens(server):
+    body = {"model": MODEL, "prompt": "Question: Which planet is known as the red planet? Answer:",
+            "max_tokens": 0, "logprobs": 3,
+            "loglikelihood": {"continuations": [" Mars", " Venus"]}}  # fmt: skip
+    full = post(server, "/v1/completions", body).json()["choices"][0]["loglikelihood"]
+    body["loglikelihood"]["content"] = False
+    response = post(server, "/v1/completions", body)
+    assert response.status_code == 200, response.text
+    compact = response.json()["choices"][0]["loglikelihood"]
+    for c, f in zip(compact, full, strict=True):
+        assert set(c) == {"index", "text", "logprob", "num_tokens", "is_greedy"}
+        assert (c["index"], c["text"], c["num_tokens"], c["is_greedy"]) == (
+            f["index"], f["text"], f["num_tokens"], f["is_greedy"]
+        )  # fmt: skip
+        assert abs(c["logprob"] - f["logprob"]) <= TOL
+        assert LoglikelihoodEntry.model_validate(c).content is None
+    # Chat, every mode, through the openai client.
+    client = server.client()
+    for options in ({"scope": "last_message"}, {"continuations": ["Paris.", "Rome."]}):
+        want = client.chat.completions.create(
+            model=MODEL, messages=CHAT, max_tokens=0, extra_body={"loglikelihood": options}
+        )
+        got = client.chat.completions.create(
+            model=MODEL, messages=CHAT, max_tokens=0,
+            extra_body={"loglikelihood": dict(options, content=False)},
+        )  # fmt: skip
+        for c, f in zip(entries(got.choices[0]), entries(want.choices[0]), strict=True):
+            assert c.content is None and f.content
+            assert c.num_tokens == f.num_tokens and c.is_greedy == f.is_greedy
+            assert abs(c.logprob - f.logprob) <= TOL
+    # Alternatives need the tokens they belong to.
+    body["loglikelihood"]["top_logprobs"] = 2
+    response = post(server, "/v1/completions", body)
+    assert response.status_code == 400
+    assert "loglikelihood.top_logprobs" in response.json()["error"]["message"]
+
+
 def test_whole_prompt_true_with_text_ids_batch_and_n(server, llm, ref):
     client = server.client()
     texts = ["The quick brown fox jumps over the lazy dog.", "Où est la gare ? 日本"]
@@ -439,6 +476,7 @@ def test_openapi_documents_the_field(server):
     for name in ("LoglikelihoodCompletionRequest", "LoglikelihoodChatCompletionRequest"):
         assert "loglikelihood" in schemas[name]["properties"]
     assert "LoglikelihoodOptions" in schemas
+    assert "content" in schemas["LoglikelihoodOptions"]["properties"]
     ref_of = spec["paths"]["/v1/completions"]["post"]["requestBody"]["content"]
     assert "LoglikelihoodCompletionRequest" in str(ref_of)
     # The other routes are untouched.

@@ -202,3 +202,24 @@ def test_unencodable_text_is_a_value_error_naming_it():
     with pytest.raises(ValueError, match=r"conversation\[1\].content is not valid Unicode"):
         validate_conversation([{"role": "user", "content": "a"}, {"role": "user", "content": "\ud800"}])
     assert check_text("ok 🙂") == "ok 🙂"
+
+
+def test_compact_finish_gives_the_totals_of_the_full_score():
+    scorer = Scorer(FakeTokenizer(), max_model_len=64)
+    job = scorer.rolling("abcdefghijklmnopqrstuvwxyz" * 4)  # several windows
+    scored = [
+        [{t: LP(-0.25 * (t % 3), 1 if t % 5 else 2), 1: LP(-9.0, 9)} for t in span.scored_token_ids]
+        for span in job.spans
+    ]
+    full = scorer.finish(job, scored, top_logprobs=1)
+    compact = scorer.finish(job, scored, content=False)
+    assert len(job.spans) > 1 and full.num_tokens == 104
+    assert (compact.logprob, compact.is_greedy, compact.num_tokens) == (
+        pytest.approx(full.logprob),
+        full.is_greedy,
+        full.num_tokens,
+    )
+    assert compact.tokens == [] and full.tokens
+    assert not full.is_greedy  # some ranks are 2
+    with pytest.raises(EngineOutputError, match="no logprob"):
+        scorer.finish(job, [[{}] * len(s.scored_token_ids) for s in job.spans], content=False)

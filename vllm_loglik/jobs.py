@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .scoring import Score, TokenDecoder, combine, score_tokens
+from .scoring import Score, TokenDecoder, combine, score_tokens, score_totals
 from .spans import (
     Span,
     TextEncoder,
@@ -153,9 +153,21 @@ class Scorer:
         job: Job,
         scored_logprobs: Sequence[Sequence[Mapping[int, Any]]],
         top_logprobs: int = 0,
+        content: bool = True,
     ) -> Score:
         """The `Score` of `job` from the entries of each span's scored positions, as
-        `vllm_loglik.engine_output.span_logprobs` reads them from the engine's output."""
+        `vllm_loglik.engine_output.span_logprobs` reads them from the engine's output.
+
+        `content=False` computes only the totals (`tokens` is then empty, `num_tokens` counts
+        the scored tokens): no token is decoded, and no object is built per token.
+        """
+        if not content:
+            logprob, is_greedy, count = 0.0, True, 0
+            for span, lps in zip(job.spans, scored_logprobs, strict=True):
+                total, greedy = score_totals(span, lps)
+                logprob, is_greedy = logprob + total, is_greedy and greedy
+                count += len(lps)
+            return Score(job.text, logprob, is_greedy, count, [])
         parts = [
             score_tokens(span, lps, self.decode, top_logprobs)
             for span, lps in zip(job.spans, scored_logprobs, strict=True)

@@ -7,7 +7,7 @@ Request (an extra field on `/v1/completions` and `/v1/chat/completions`)::
     "loglikelihood": true
         Score every prompt token except the first (the hosted API's boolean field).
     "loglikelihood": {"continuations": [...], "scope": "prompt" | "last_message",
-                      "top_logprobs": 0..20}
+                      "top_logprobs": 0..20, "content": true | false}
         See `LoglikelihoodOptions`.
 
 Response: each choice gains `loglikelihood`, a list of `LoglikelihoodEntry`, next to the
@@ -17,6 +17,10 @@ native `logprobs`::
      "content": [{"token": " Par", "token_id": 412, "logprob": -1.02, "bytes": [32, 80, 97, 114],
                   "rank": 1, "top_logprobs": [{"token": " Par", "token_id": 412,
                                                "logprob": -1.02, "bytes": [...]}]}, ...]}
+
+With `"content": false` (the compact response), an entry has no `content`: only `index`,
+`text`, `logprob`, `num_tokens` and `is_greedy`, which is what multiple choice and bulk
+scoring need, at a fraction of the server's work per token.
 
 With an OpenAI client, `entries(choice)` reads them from a response choice.
 """
@@ -59,7 +63,15 @@ class LoglikelihoodOptions(BaseModel):
         le=20,
         description=(
             "Alternatives per scored token. Default: the request's `top_logprobs` (chat) or "
-            "`logprobs` (completions), else 0."
+            "`logprobs` (completions), else 0. Needs `content: true`."
+        ),
+    )
+    content: bool = Field(
+        default=True,
+        description=(
+            "`true`: each entry lists its scored tokens in `content`. `false`: the compact "
+            "response, whose entries hold only `index`, `text`, `logprob`, `num_tokens` and "
+            "`is_greedy`; the server then builds nothing per token."
         ),
     )
 
@@ -76,8 +88,8 @@ def parse_loglikelihood(value: Any) -> LoglikelihoodField:
         return value
     if not isinstance(value, dict):
         raise ValueError(
-            "loglikelihood must be true, false or an object with continuations, scope and "
-            f"top_logprobs; got {type(value).__name__}"
+            "loglikelihood must be true, false or an object with continuations, scope, "
+            f"top_logprobs and content; got {type(value).__name__}"
         )
     try:
         return LoglikelihoodOptions.model_validate(value)
@@ -87,13 +99,14 @@ def parse_loglikelihood(value: Any) -> LoglikelihoodField:
         if err["type"] == "extra_forbidden":
             raise ValueError(
                 f"{where} is not a loglikelihood option (known: continuations, scope, "
-                "top_logprobs)"
+                "top_logprobs, content)"
             ) from None
         raise ValueError(f"{where}: {err['msg']}") from None
 
 LOGLIKELIHOOD_DESCRIPTION = (
     "vllm-loglik: score given text. `true` returns the log-probability of every prompt token "
-    "except the first; an object selects continuations, the scope and top_logprobs. Each choice "
+    "except the first; an object selects continuations, the scope, top_logprobs and whether "
+    "entries list their tokens (content). Each choice "
     "of the response then has a `loglikelihood` list."
 )
 
@@ -124,33 +137,40 @@ class LoglikelihoodEntry(BaseModel):
     logprob: float = Field(description="Sum of the scored tokens' logprobs.")
     num_tokens: int
     is_greedy: bool = Field(description="Every scored token is the model's argmax.")
-    content: list[TokenEntry]
+    content: list[TokenEntry] | None = Field(
+        default=None,
+        description="The scored tokens, in order; absent in the compact response (content: false).",
+    )
 
 
-def entry_from_score(index: int, score: Any) -> dict[str, Any]:
+def entry_from_score(index: int, score: Any, content: bool = True) -> dict[str, Any]:
     """The JSON of a `LoglikelihoodEntry` from a `vllm_loglik.Score` (built as plain dicts:
-    one per scored token, so validation would only cost time)."""
-    return {
+    one per scored token, so validation would only cost time); `content=False` gives the
+    compact entry."""
+    entry = {
         "index": index,
         "text": score.text,
         "logprob": score.logprob,
         "num_tokens": score.num_tokens,
         "is_greedy": score.is_greedy,
-        "content": [
-            {
-                "token": t.token,
-                "token_id": t.token_id,
-                "logprob": t.logprob,
-                "bytes": t.bytes,
-                "rank": t.rank,
-                "top_logprobs": [
-                    {"token": a.token, "token_id": a.token_id, "logprob": a.logprob, "bytes": a.bytes}
-                    for a in t.top_logprobs
-                ],
-            }
-            for t in score.tokens
-        ],
     }
+    if not content:
+        return entry
+    entry["content"] = [
+        {
+            "token": t.token,
+            "token_id": t.token_id,
+            "logprob": t.logprob,
+            "bytes": t.bytes,
+            "rank": t.rank,
+            "top_logprobs": [
+                {"token": a.token, "token_id": a.token_id, "logprob": a.logprob, "bytes": a.bytes}
+                for a in t.top_logprobs
+            ],
+        }
+        for t in score.tokens
+    ]
+    return entry
 
 
 def entries(choice: Any) -> list[LoglikelihoodEntry]:

@@ -9,7 +9,7 @@ k alternatives. Nothing here needs an engine.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -132,6 +132,23 @@ def _is_byte_level(tokenizer: Any) -> bool:
     return decoder is not None and "ByteLevel" in repr(decoder)
 
 
+def _actual_tokens(
+    span: Span, scored_logprobs: Sequence[Mapping[int, LogprobLike]]
+) -> Iterator[tuple[int, Mapping[int, LogprobLike], LogprobLike]]:
+    """(token id, entry, the token's own logprob) per scored position; an entry that does not
+    fit the span is an `EngineOutputError`."""
+    ids = span.prompt_token_ids
+    if len(scored_logprobs) != len(ids) - span.start:
+        raise EngineOutputError(
+            f"got {len(scored_logprobs)} scored entries for {len(ids) - span.start} scored tokens"
+        )
+    for pos, entry in zip(range(span.start, len(ids)), scored_logprobs):
+        actual = entry.get(ids[pos]) if entry else None
+        if actual is None:
+            raise EngineOutputError(f"the engine returned no logprob for prompt position {pos}")
+        yield ids[pos], entry, actual
+
+
 def score_tokens(
     span: Span,
     scored_logprobs: Sequence[Mapping[int, LogprobLike]],
@@ -145,17 +162,8 @@ def score_tokens(
     runner's layout). `top_logprobs` alternatives are kept per token, best first (the engine
     must have been asked for at least that many).
     """
-    ids = span.prompt_token_ids
-    if len(scored_logprobs) != len(ids) - span.start:
-        raise EngineOutputError(
-            f"got {len(scored_logprobs)} scored entries for {len(ids) - span.start} scored tokens"
-        )
     tokens = []
-    for pos, entry in zip(range(span.start, len(ids)), scored_logprobs):
-        token_id = ids[pos]
-        actual = entry.get(token_id) if entry else None
-        if actual is None:
-            raise EngineOutputError(f"the engine returned no logprob for prompt position {pos}")
+    for token_id, entry, actual in _actual_tokens(span, scored_logprobs):
         alternatives = []
         if top_logprobs:
             ranked = sorted(entry.items(), key=lambda kv: kv[1].logprob, reverse=True)
@@ -189,6 +197,18 @@ def score_span(
         text = decode.tokenizer.decode(span.scored_token_ids)
     scored = require_span_logprobs(prompt_logprobs, 0, span, "score_span")
     return combine(text, [score_tokens(span, scored, decode, top_logprobs)])
+
+
+def score_totals(
+    span: Span, scored_logprobs: Sequence[Mapping[int, LogprobLike]]
+) -> tuple[float, bool]:
+    """The sum of the scored tokens' logprobs and whether each is the argmax (rank 1), with no
+    per-token objects: what the compact response needs. Checked as `score_tokens` checks."""
+    total, greedy = 0.0, True
+    for _, _, actual in _actual_tokens(span, scored_logprobs):
+        total += actual.logprob
+        greedy = greedy and actual.rank == 1
+    return total, greedy
 
 
 def combine(text: str, parts: Sequence[Sequence[TokenScore]]) -> Score:

@@ -86,10 +86,10 @@ async def score_chat(request: LoglikelihoodChatCompletionRequest, raw_request: R
     )
     handler = raw_request.app.state.openai_serving_chat
     scores, generated = await asyncio.gather(
-        scoring.run(jobs, k),
+        scoring.run(jobs, k, options.content),
         handler.create_chat_completion(request, raw_request) if max_tokens != 0 else no_generation(),
     )
-    entries = as_entries(scores)
+    entries = as_entries(scores, options.content)
     prompt_tokens = scored_prompt_tokens(jobs)
     n = request.n or 1
     if generated is not None:

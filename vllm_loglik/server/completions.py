@@ -54,12 +54,12 @@ async def score_completion(request: LoglikelihoodCompletionRequest, raw_request:
         )
     handler = raw_request.app.state.openai_serving_completion
     scores, generated = await asyncio.gather(
-        scoring.run(jobs, k),
+        scoring.run(jobs, k, options.content),
         handler.create_completion(request, raw_request) if generate else no_generation(),
     )
     per_prompt, at = [], 0
     for group in groups:
-        per_prompt.append(as_entries(scores[at : at + len(group)]))
+        per_prompt.append(as_entries(scores[at : at + len(group)], options.content))
         at += len(group)
     prompt_tokens = scored_prompt_tokens(jobs)
     if generated is not None:

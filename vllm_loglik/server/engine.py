@@ -83,8 +83,9 @@ class ServerScoring:
             raise EngineOutputError(f"engine request {request_id} returned no output")
         return final
 
-    async def run(self, jobs: list[Job], top_logprobs: int) -> list[Score]:
-        """Score `jobs`: every span is its own engine request, all in flight at once."""
+    async def run(self, jobs: list[Job], top_logprobs: int, content: bool = True) -> list[Score]:
+        """Score `jobs`: every span is its own engine request, all in flight at once.
+        `content=False` computes only each job's totals (the compact response)."""
         from vllm import SamplingParams
 
         base = uuid.uuid4().hex
@@ -122,6 +123,6 @@ class ServerScoring:
                 task.cancel()
             raise
         return [
-            self.scorer.finish(job, [next(scored) for _ in job.spans], top_logprobs)
+            self.scorer.finish(job, [next(scored) for _ in job.spans], top_logprobs, content)
             for job in jobs
         ]

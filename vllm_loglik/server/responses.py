@@ -26,8 +26,8 @@ def scored_prompt_tokens(jobs: Sequence[Job]) -> int:
     return sum(len(span.prompt_token_ids) for job in jobs for span in job.spans)
 
 
-def as_entries(scores: Sequence[Score]) -> list[dict[str, Any]]:
-    return [entry_from_score(i, s) for i, s in enumerate(scores)]
+def as_entries(scores: Sequence[Score], content: bool = True) -> list[dict[str, Any]]:
+    return [entry_from_score(i, s, content) for i, s in enumerate(scores)]
 
 
 def usage(prompt_tokens: int) -> dict[str, int]:

@@ -46,9 +46,18 @@ def check_common(request: Any, options: LoglikelihoodOptions, scoring: ServerSco
 
 
 def top_logprobs_of(options: LoglikelihoodOptions, fallback: int | None, name: str) -> int:
-    """The alternatives per token: the field's own `top_logprobs`, else the request's `name`."""
+    """The alternatives per token: the field's own `top_logprobs`, else the request's `name`
+    (which the compact response ignores: it lists no tokens)."""
     if options.top_logprobs is not None:
+        if options.top_logprobs and not options.content:
+            raise RequestError(
+                "loglikelihood.top_logprobs",
+                "loglikelihood.top_logprobs needs loglikelihood.content: true; the compact "
+                "response (content: false) lists no tokens",
+            )
         return options.top_logprobs
+    if not options.content:
+        return 0
     k = fallback or 0
     if k > 20:
         raise RequestError(
