@@ -22,6 +22,14 @@ from ..scoring import Score
 from ..spans import Span
 
 
+class ScoringFault(RuntimeError):
+    """Computing the scores failed inside the server: HTTP 500, never the client's 400.
+
+    `ServerScoring.run` raises it for an `EngineOutputError` and for any exception of its own
+    code; errors of the engine itself (`VLLMError`) pass through to vLLM's handlers.
+    """
+
+
 class ServerScoring:
     """Per-app state: the scorer, and the engine that computes prompt logprobs.
 
@@ -86,6 +94,16 @@ class ServerScoring:
     async def run(self, jobs: list[Job], top_logprobs: int, content: bool = True) -> list[Score]:
         """Score `jobs`: every span is its own engine request, all in flight at once.
         `content=False` computes only each job's totals (the compact response)."""
+        from vllm.exceptions import VLLMError
+
+        try:
+            return await self._run(jobs, top_logprobs, content)
+        except VLLMError:
+            raise
+        except Exception as e:
+            raise ScoringFault(f"{type(e).__name__}: {e}") from e
+
+    async def _run(self, jobs: list[Job], top_logprobs: int, content: bool) -> list[Score]:
         from vllm import SamplingParams
 
         base = uuid.uuid4().hex

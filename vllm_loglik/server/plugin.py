@@ -26,11 +26,10 @@ from fastapi.routing import APIRoute
 from starlette.datastructures import State
 
 from vllm.entrypoints.serve.utils.api_utils import with_cancellation
-from vllm.exceptions import VLLMError
 
 from .chat import score_chat
 from .completions import score_completion
-from .engine import ServerScoring
+from .engine import ScoringFault, ServerScoring
 from .protocol import (
     LoglikelihoodChatCompletionRequest,
     LoglikelihoodCompletionRequest,
@@ -58,12 +57,11 @@ def _wrap(original: APIRoute, request_model: type, handler: Handler) -> Handler:
             return await original_endpoint(request, raw_request)
         try:
             return await scored(request, raw_request)
-        except VLLMError:
-            raise  # the engine's own errors: vLLM's exception handlers answer them
-        except Exception as e:
-            # Bad input was answered with a 400 inside the handler; anything raised here is a
-            # fault of the server. vLLM's fallback handler would answer a ValueError with a
-            # 400 that quotes it.
+        except ScoringFault as e:
+            # A fault in computing the scores. vLLM's fallback handler would answer a
+            # ValueError with a 400 that quotes it; this is never the client's mistake.
+            # Everything else (vLLM's own generation handler, the engine's errors) goes to
+            # vLLM's exception handlers, as without the plugin.
             return internal_error_response(e)
 
     # FastAPI reads the body model from the annotation.
