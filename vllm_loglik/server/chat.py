@@ -10,10 +10,9 @@ from typing import Any
 from fastapi import Request
 
 from ..spans import check_text
-from .engine import ServerScoring
 from .protocol import LoglikelihoodChatCompletionRequest, RequestError, error_response
 from .responses import as_entries, chat_response, merge, no_generation, scored_prompt_tokens
-from .validation import check_common, check_model, options_of, top_logprobs_of
+from .validation import checked, top_logprobs_of
 
 
 def chat_messages(messages: Any) -> list[dict[str, Any]]:
@@ -45,11 +44,8 @@ def chat_messages(messages: Any) -> list[dict[str, Any]]:
 
 
 async def score_chat(request: LoglikelihoodChatCompletionRequest, raw_request: Request):
-    scoring: ServerScoring = raw_request.app.state.vllm_loglik
-    options = options_of(request)
     try:
-        check_common(request, options, scoring)
-        check_model(request, raw_request)
+        scoring, options = checked(request, raw_request)
         k = top_logprobs_of(options, request.top_logprobs if request.logprobs else 0, "top_logprobs")
         messages = chat_messages(request.messages)
         kwargs = dict(request.chat_template_kwargs or {})

@@ -11,7 +11,6 @@ from fastapi import Request
 from ..jobs import Job, Scorer
 from ..protocol import LoglikelihoodOptions
 from ..spans import check_text
-from .engine import ServerScoring
 from .protocol import LoglikelihoodCompletionRequest, RequestError, error_response
 from .responses import (
     as_entries,
@@ -20,15 +19,12 @@ from .responses import (
     no_generation,
     scored_prompt_tokens,
 )
-from .validation import check_common, check_model, options_of, top_logprobs_of
+from .validation import checked, top_logprobs_of
 
 
 async def score_completion(request: LoglikelihoodCompletionRequest, raw_request: Request):
-    scoring: ServerScoring = raw_request.app.state.vllm_loglik
-    options = options_of(request)
     try:
-        check_common(request, options, scoring)
-        check_model(request, raw_request)
+        scoring, options = checked(request, raw_request)
         if options.scope != "prompt":
             raise RequestError(
                 "loglikelihood.scope",

@@ -14,6 +14,15 @@ from .engine import ServerScoring
 from .protocol import RequestError
 
 
+def checked(request: Any, raw_request: Request) -> tuple[ServerScoring, LoglikelihoodOptions]:
+    """The app's `ServerScoring` and the request's options, after the checks of both endpoints."""
+    scoring: ServerScoring = raw_request.app.state.vllm_loglik
+    options = options_of(request)
+    check_common(request, options, scoring)
+    check_model(request, raw_request)
+    return scoring, options
+
+
 def options_of(request: Any) -> LoglikelihoodOptions:
     """The field's options; `true` is the object with every default."""
     value = request.loglikelihood
