@@ -23,6 +23,7 @@ from tests.test_server import (
     OPTIONS,
     assert_same,
     metric_total,
+    post,
     prefix_cache_hits,
 )
 from vllm_loglik.protocol import LoglikelihoodEntry, entries
@@ -93,7 +94,7 @@ def test_chat_and_concurrent_requests_on_v2_layout(v2_server, llm):
     def ask(context: str) -> httpx.Response:
         body = {"model": MODEL, "prompt": context, "max_tokens": 0,
                 "loglikelihood": {"continuations": OPTIONS}}  # fmt: skip
-        return httpx.post(v2_server.url + "/v1/completions", json=body, timeout=120)
+        return post(v2_server, "/v1/completions", body, key=None)
 
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         results = list(pool.map(ask, contexts * 2))
@@ -115,7 +116,7 @@ def test_unreadable_cached_output_is_scored_again(v2_server, ref):
     body = {"model": MODEL, "prompt": ctx, "max_tokens": 0,
             "loglikelihood": {"continuations": OPTIONS}}  # fmt: skip
     before = finished_requests(v2_server)
-    response = httpx.post(v2_server.url + "/v1/completions", json=body, timeout=120)
+    response = post(v2_server, "/v1/completions", body, key=None)
     assert response.status_code == 200, response.text
     for entry, option in zip(response.json()["choices"][0]["loglikelihood"], OPTIONS, strict=True):
         cont = ref.tokenizer.encode(option, add_special_tokens=False)
@@ -130,7 +131,7 @@ def test_unreadable_cached_output_is_scored_again(v2_server, ref):
 def test_unreadable_output_is_a_500_with_an_error_id_never_a_400(v2_server):
     prompt = [1] + BREAK_ALL + [5, 6, 7]
     body = {"model": MODEL, "prompt": prompt, "max_tokens": 0, "loglikelihood": True}
-    response = httpx.post(v2_server.url + "/v1/completions", json=body, timeout=120)
+    response = post(v2_server, "/v1/completions", body, key=None)
     assert response.status_code == 500, response.text
     error = response.json()["error"]
     assert error["type"] == "InternalServerError" and error["code"] == 500
@@ -142,6 +143,6 @@ def test_unreadable_output_is_a_500_with_an_error_id_never_a_400(v2_server):
     assert error_id in log and "EngineOutputError" in log
     # Nothing else is affected: the server lives, and the next request is served.
     good = dict(body, prompt=[1, 5, 6, 7])
-    response = httpx.post(v2_server.url + "/v1/completions", json=good, timeout=120)
+    response = post(v2_server, "/v1/completions", good, key=None)
     assert response.status_code == 200
     assert response.json()["choices"][0]["loglikelihood"][0]["num_tokens"] == 3

@@ -79,9 +79,14 @@ def completion_jobs(
     scorer: Scorer, prompt: str | list[int], p: int, count: int, options: LoglikelihoodOptions
 ) -> list[Job]:
     where = f"prompt[{p}]" if count > 1 else "prompt"
-    try:
-        if isinstance(prompt, str):
+    if isinstance(prompt, str):
+        # Checked here, so that a context that cannot be encoded is not reported against the
+        # continuation it was paired with.
+        try:
             check_text(prompt, where)
+        except ValueError as e:
+            raise RequestError(where, str(e)) from None
+    try:
         if options.continuations is None:
             return [scorer.prompt(prompt)]
         jobs = []

@@ -68,7 +68,10 @@ class RequestError(ValueError):
 
 def error_response(message: str, param: str | None, status: HTTPStatus) -> JSONResponse:
     """An error in the shape of vLLM's (and OpenAI's) `ErrorResponse`."""
-    kind = {HTTPStatus.BAD_REQUEST: "BadRequestError", HTTPStatus.INTERNAL_SERVER_ERROR: "InternalServerError"}
+    kind = {
+        HTTPStatus.BAD_REQUEST: "BadRequestError",
+        HTTPStatus.INTERNAL_SERVER_ERROR: "InternalServerError",
+    }
     body = {
         "error": {
             "message": message,
@@ -81,7 +84,7 @@ def error_response(message: str, param: str | None, status: HTTPStatus) -> JSONR
 
 
 def internal_error_response(exc: BaseException) -> JSONResponse:
-    """HTTP 500 for a fault in the server (ours or the engine's), never blamed on the client.
+    """HTTP 500 for a fault in computing the scores (`ScoringFault`), never blamed on the client.
 
     The body says only that scoring failed and gives an id to look up; the exception, with its
     traceback, goes to the server log under that id.
