@@ -10,12 +10,18 @@ on the Python standard library's source, bf16) in `.cache/bench-model`, then mea
 4. multiple choice: one request per question (4 continuations) against each (context,
    continuation) as its own native prompt-logprobs request, as lm-eval's vLLM backend does;
 5. memory: peak RSS of the server's process tree while scoring one 8,000-token prompt with
-   `top_logprobs=5`, against plain prefill of the same prompt.
+   `top_logprobs=5`, against plain prefill of the same prompt;
+6. front-end: the API-server process's own CPU time per scored position (psutil; the engine
+   core is a process of its own), the plugin against native `prompt_logprobs`, at k = 0 (the
+   full per-token response) and at k = 5. On a GPU this cost, not the forward pass, decides
+   the throughput.
 
-Prefix caching is off except in row 4, where the cache is the thing measured. Prints a markdown
-table and writes the figures as JSON (`bench/latest.json`, or `--json PATH`). `--smoke` runs the
-same code on the tiny test model with a few prompts, to keep this script working (`make test`
-runs it); its figures mean nothing.
+Rows 1-3 and 6 run twice: with vLLM's CPU default of one core reserved for the front-end
+(`VLLM_CPU_NUM_OF_RESERVED_CPU=1`), and with none (`=0`). Rows 4 and 5 use the setting that
+`RESERVED` names. Row 4 runs twice: with the CPU default KV block of 128 tokens, and with 32. Prefix caching is off except in row 4, where the cache is the thing measured.
+Prints a markdown table and writes the figures as JSON (`bench/latest.json`, or `--json PATH`).
+`--smoke` runs the same code on the tiny test model with a few prompts, to keep this script
+working (`make test` runs it); its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -53,11 +59,17 @@ class Size:
     continuation_len: int
     memory_len: int  # row 5
     repeats: int
+    settings: tuple[int, ...]  # values of VLLM_CPU_NUM_OF_RESERVED_CPU, for rows 1-3 and 6
+    block_sizes: tuple[int, ...]  # KV block sizes, for row 4
     clients: int = 4
 
 
-FULL = Size("full", 32, 512, 64, 1000, 5, 8000, 2)
-SMOKE = Size("smoke", 4, 64, 3, 300, 5, 400, 1)
+#: The setting of `VLLM_CPU_NUM_OF_RESERVED_CPU` that rows 4 and 5 use.
+RESERVED = 0
+# Full: vLLM's CPU default of 1 reserved core, and 0; the CPU default KV block of 128 tokens,
+# and 32, the smallest that the CPU attention takes. Smoke: one of each, to stay quick.
+FULL = Size("full", 32, 512, 64, 1000, 5, 8000, 2, (1, 0), (128, 32))
+SMOKE = Size("smoke", 4, 64, 3, 300, 5, 400, 1, (RESERVED,), (32,))
 
 
 def stdlib_text(limit_bytes: int) -> str:
@@ -144,15 +156,24 @@ def offline_rows(model: str, size: Size, dtype: str) -> dict:
 # ---------------------------------------------------------------- server (rows 1, 2, 4, 5)
 
 
-def serve(model: str, dtype: str, max_model_len: int, caching: bool, port: int) -> ApiServer:
+def reserved_env(reserved: int) -> dict[str, str]:
+    return {"VLLM_CPU_NUM_OF_RESERVED_CPU": str(reserved)}
+
+
+def serve(
+    model: str, dtype: str, max_model_len: int, caching: bool, port: int, reserved: int,
+    block_size: int | None = None,
+) -> ApiServer:  # fmt: skip
     args = [
         "--served-model-name", "bench", "--dtype", dtype, "--max-model-len", str(max_model_len),
         "--enforce-eager", "--seed", "0", "--max-logprobs", "20",
     ]  # fmt: skip
     if not caching:
         args.append("--no-enable-prefix-caching")
+    if block_size:
+        args += ["--block-size", str(block_size)]
     log = ROOT / ".cache" / f"bench-server-{port}.log"
-    return ApiServer(model, args, log, port=port, timeout=600)
+    return ApiServer(model, args, log, port=port, timeout=600, env=reserved_env(reserved))
 
 
 async def run_bodies(url: str, bodies: list[dict], clients: int) -> tuple[float, list[dict]]:
@@ -176,32 +197,64 @@ async def run_bodies(url: str, bodies: list[dict], clients: int) -> tuple[float,
         return time.perf_counter() - start, results
 
 
+@dataclass
+class Timing:
+    wall: float  # seconds, the best run
+    frontend_cpu: float  # seconds of the API-server process's own CPU time, the least of the runs
+    responses: list[dict]
+
+
 def timed(
-    url: str, bodies: list[dict], size: Size, repeats: int | None = None
-) -> tuple[float, list[dict]]:
-    """The best wall time of `repeats` runs (after a short warm-up), and the last responses."""
-    asyncio.run(run_bodies(url, bodies[: size.clients], size.clients))  # warm-up
-    best, out = float("inf"), []
+    server: ApiServer, bodies: list[dict], size: Size, repeats: int | None = None
+) -> Timing:
+    """The best wall time of `repeats` runs (after a short warm-up), the least CPU time of the
+    API-server process itself over a run (not its children: the engine core is one), and the
+    last responses."""
+    import psutil
+
+    proc = psutil.Process(server.proc.pid)
+
+    def cpu() -> float:
+        times = proc.cpu_times()
+        return times.user + times.system
+
+    asyncio.run(run_bodies(server.url, bodies[: size.clients], size.clients))  # warm-up
+    best, least, out = float("inf"), float("inf"), []
     for _ in range(repeats or size.repeats):
-        t, out = asyncio.run(run_bodies(url, bodies, size.clients))
-        best = min(best, t)
-    return best, out
+        before = cpu()
+        t, out = asyncio.run(run_bodies(server.url, bodies, size.clients))
+        best, least = min(best, t), min(least, cpu() - before)
+    return Timing(best, least, out)
 
 
 def server_rows(server: ApiServer, model: str, size: Size) -> dict:
+    """Wall times (rows 1, 2) and API-server CPU µs per scored position (row 6)."""
     prompts = token_prompts(model, size.prompts, size.prompt_len)
     base = {"model": "bench", "max_tokens": 1, "temperature": 0}
-    plain = [dict(base, prompt=p) for p in prompts]
-    native = [dict(base, prompt=p, prompt_logprobs=0) for p in prompts]
-    ours = [dict(base, prompt=p, max_tokens=0, loglikelihood=True) for p in prompts]
-    t_plain, _ = timed(server.url, plain, size)
-    t_native, _ = timed(server.url, native, size)
-    t_ours, out = timed(server.url, ours, size)
-    assert all(r["choices"][0]["loglikelihood"][0]["num_tokens"] == size.prompt_len - 1 for r in out)
-    return {"plain": t_plain, "native": t_native, "ours": t_ours}
+    bodies = {
+        "plain": [dict(base, prompt=p) for p in prompts],
+        "native": [dict(base, prompt=p, prompt_logprobs=0) for p in prompts],
+        "ours": [dict(base, prompt=p, max_tokens=0, loglikelihood=True) for p in prompts],
+        "native_top5": [dict(base, prompt=p, prompt_logprobs=5) for p in prompts],
+        "ours_top5": [dict(base, prompt=p, max_tokens=0, loglikelihood={"top_logprobs": 5})
+                      for p in prompts],
+    }  # fmt: skip
+    out: dict = {"wall": {}, "frontend_us": {}}
+    positions = size.prompts * (size.prompt_len - 1)
+    for name, requests in bodies.items():
+        timing = timed(server, requests, size)
+        out["wall"][name] = timing.wall
+        out["frontend_us"][name] = timing.frontend_cpu / positions * 1e6
+        if name.startswith("ours"):
+            for r in timing.responses:
+                (entry,) = r["choices"][0]["loglikelihood"]
+                assert entry["num_tokens"] == size.prompt_len - 1 == len(entry["content"])
+    return out
 
 
-def multiple_choice(server: ApiServer, model: str, size: Size) -> dict:
+def multiple_choice(model: str, dtype: str, size: Size) -> dict:
+    """Row 4: the native baseline once, and ours at each block size; each server has prefix
+    caching on, as vLLM's default."""
     contexts = token_prompts(model, size.questions, size.context_len, seed=1)
     from transformers import AutoTokenizer
 
@@ -217,19 +270,26 @@ def multiple_choice(server: ApiServer, model: str, size: Size) -> dict:
             native.append({"model": "bench", "prompt": ctx + cont, "max_tokens": 1,
                            "prompt_logprobs": 0})  # fmt: skip
             expected.append(len(ctx))
-    # One run each: the baseline takes minutes, long enough to average out the noise.
-    t_native, native_out = timed(server.url, native, size, repeats=1)
-    t_ours, ours_out = timed(server.url, ours, size, repeats=1)
-    # The two paths must give the same numbers.
+    result: dict = {"ours": {}}
     worst = 0.0
-    for q, response in enumerate(ours_out):
-        for j, entry in enumerate(response["choices"][0]["loglikelihood"]):
-            plp = native_out[4 * q + j]["choices"][0]["prompt_logprobs"]
-            start = expected[4 * q + j]
-            ref = [next(iter(d.values()))["logprob"] for d in plp[start:]]
-            got = [t["logprob"] for t in entry["content"]]
-            worst = max(worst, max(abs(a - b) for a, b in zip(got, ref, strict=True)))
-    return {"native": t_native, "ours": t_ours, "max_abs_diff": worst}
+    for block_size in size.block_sizes:
+        with serve(model, dtype, size.context_len + 64, True, 8302, RESERVED, block_size) as server:
+            if block_size == size.block_sizes[0]:
+                # One run: the baseline takes minutes, long enough to average out the noise.
+                native_out = timed(server, native, size, repeats=1)
+                result["native"] = native_out.wall
+            ours_out = timed(server, ours, size, repeats=1)
+            result["ours"][str(block_size)] = ours_out.wall
+        # The two paths must give the same numbers.
+        for q, response in enumerate(ours_out.responses):
+            for j, entry in enumerate(response["choices"][0]["loglikelihood"]):
+                plp = native_out.responses[4 * q + j]["choices"][0]["prompt_logprobs"]
+                start = expected[4 * q + j]
+                ref = [next(iter(d.values()))["logprob"] for d in plp[start:]]
+                got = [t["logprob"] for t in entry["content"]]
+                worst = max(worst, max(abs(a - b) for a, b in zip(got, ref, strict=True)))
+    result["max_abs_diff"] = worst
+    return result
 
 
 def peak_rss(pid: int, fn) -> tuple[float, float]:
@@ -290,33 +350,74 @@ def memory_row(server: ApiServer, model: str, size: Size) -> dict:
 
 
 def table(r: dict, size: Size) -> str:
-    off, srv, mc, mem = r["offline"], r["server"], r["multiple_choice"], r["memory"]
+    mc, mem = r["multiple_choice"], r["memory"]
     long, short = mem["long"], mem["short"]
     vocab_bytes = long["tokens"] * 32000 * 4 / 2**30
-    rows = [
-        ("1. server: `loglikelihood` vs native `prompt_logprobs=0`", srv["ours"] / srv["native"],
-         "≤ 0.8×", f"{srv['ours']:.2f} s vs {srv['native']:.2f} s"),
-        ("2. server: `loglikelihood` vs plain prefill", srv["ours"] / srv["plain"], "≤ 2.0×",
-         f"{srv['ours']:.2f} s vs {srv['plain']:.2f} s"),
-        ("3. offline: speed-up over transformers", off["transformers"] / off["ours"], "≥ 1.0×",
-         f"transformers {off['transformers']:.2f} s, ours {off['ours']:.2f} s "
-         f"(vLLM: native prompt logprobs {off['native']:.2f} s, plain prefill "
-         f"{off['prefill']:.2f} s)"),
-        ("4. multiple choice: speed-up over one prompt per pair", mc["native"] / mc["ours"],
-         "≥ 4×",
-         f"{mc['native']:.2f} s vs {mc['ours']:.2f} s, "
-         f"largest difference {mc['max_abs_diff']:.1e}"),
-        ("5. memory: peak RSS, scoring vs plain prefill", long["ours_peak_gib"] / long["plain_peak_gib"],
-         "no len × vocab growth",
+    rows = []
+    for reserved in size.settings:
+        srv, off = r["server"][str(reserved)], r["offline"][str(reserved)]
+        wall, us = srv["wall"], srv["frontend_us"]
+        setting = f"{reserved} reserved"
+        rows += [
+            ("1. server: `loglikelihood` vs native `prompt_logprobs=0`", setting,
+             wall["ours"] / wall["native"], "≤ 0.8×",
+             f"{wall['ours']:.2f} s vs {wall['native']:.2f} s"),
+            ("2. server: `loglikelihood` vs plain prefill", setting, wall["ours"] / wall["plain"],
+             "≤ 1.7×", f"{wall['ours']:.2f} s vs {wall['plain']:.2f} s"),
+            ("3. offline: speed-up over transformers", setting,
+             off["transformers"] / off["ours"], "≥ 1.0×",
+             f"transformers {off['transformers']:.2f} s, ours {off['ours']:.2f} s (vLLM: native "
+             f"prompt logprobs {off['native']:.2f} s, plain prefill {off['prefill']:.2f} s)"),
+            ("6. front-end CPU per position, k = 0: plugin vs native", setting,
+             us["ours"] / us["native"], "≤ 0.3×",
+             f"{us['ours']:.1f} µs vs {us['native']:.1f} µs (plain prefill {us['plain']:.1f} µs)"),
+            ("6. front-end CPU per position, k = 5: plugin vs native", setting,
+             us["ours_top5"] / us["native_top5"], "≤ 0.3×",
+             f"{us['ours_top5']:.1f} µs vs {us['native_top5']:.1f} µs"),
+        ]  # fmt: skip
+    for block_size, t in mc["ours"].items():
+        rows.append(
+            ("4. multiple choice: speed-up over one prompt per pair",
+             f"{RESERVED} reserved, block {block_size}", mc["native"] / t, "≥ 4.5×",
+             f"{mc['native']:.2f} s vs {t:.2f} s, largest difference {mc['max_abs_diff']:.1e}")
+        )  # fmt: skip
+    rows.append(
+        ("5. memory: peak RSS, scoring vs plain prefill", f"{RESERVED} reserved",
+         long["ours_peak_gib"] / long["plain_peak_gib"], "no len × vocab growth",
          f"{long['tokens']} tokens: {long['ours_peak_gib']:.2f} GiB vs {long['plain_peak_gib']:.2f}"
          f" GiB, growth {long['ours_growth_gib']:.2f} vs {long['plain_growth_gib']:.2f} GiB; "
          f"{short['tokens']} tokens: growth {short['ours_growth_gib']:.2f} vs "
          f"{short['plain_growth_gib']:.2f} GiB (len × vocab × 4 B at {long['tokens']}: "
-         f"{vocab_bytes:.2f} GiB)"),
+         f"{vocab_bytes:.2f} GiB)")
+    )  # fmt: skip
+    rows.sort(key=lambda row: row[0][:2])  # by row number; settings in measured order
+    lines = [
+        "| row | CPU setting | ratio | goal | measured |",
+        "| --- | --- | --- | --- | --- |",
     ]
-    lines = ["| row | ratio | goal | measured |", "| --- | --- | --- | --- |"]
-    lines += [f"| {a} | {b:.2f}× | {c} | {d} |" for a, b, c, d in rows]
+    lines += [f"| {a} | {b} | {c:.2f}× | {d} | {e} |" for a, b, c, d, e in rows]
     return "\n".join(lines)
+
+
+def offline_child(smoke: bool, size: Size, reserved: int) -> dict:
+    """Rows 3 in a process of their own, so that its engine is gone before the next one."""
+    out = ROOT / ".cache" / f"bench-offline-{size.name}-{reserved}.json"
+    cmd = [sys.executable, __file__, "--offline-child", "--json", str(out)]
+    out.unlink(missing_ok=True)
+    log_path = ROOT / ".cache" / f"bench-offline-{size.name}-{reserved}.log"
+    env = dict(os.environ, **reserved_env(reserved))
+    with open(log_path, "w") as log:  # a file, not a pipe: vLLM's helpers outlive the child
+        child = subprocess.Popen(
+            cmd + (["--smoke"] if smoke else []), stdout=log, stderr=log, env=env,
+            start_new_session=True,
+        )  # fmt: skip
+        child.wait()
+        # The child skips the engine's teardown; end its engine processes with it.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+    if not out.exists():
+        sys.exit(f"the offline measurement failed; see {log_path}")
+    return json.loads(out.read_text())
 
 
 def main() -> None:
@@ -334,28 +435,16 @@ def main() -> None:
         sys.stdout.flush()
         os._exit(0)  # skip the engine's teardown, which can abort the process at exit
 
-    child_out = ROOT / ".cache" / f"bench-offline-{size.name}.json"
-    cmd = [sys.executable, __file__, "--offline-child", "--json", str(child_out)]
-    child_out.unlink(missing_ok=True)
-    child_log = ROOT / ".cache" / f"bench-offline-{size.name}.log"
-    with open(child_log, "w") as log:  # a file, not a pipe: vLLM's helpers outlive the child
-        child = subprocess.Popen(
-            cmd + (["--smoke"] if args.smoke else []), stdout=log, stderr=log,
-            start_new_session=True,
-        )  # fmt: skip
-        child.wait()
-        # The child skips the engine's teardown; end its engine processes with it.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, signal.SIGKILL)
-    if not child_out.exists():
-        sys.exit(f"the offline measurement failed; see {child_log}")
-    results: dict = {"size": size.name, "offline": json.loads(child_out.read_text())}
-
-    with serve(model, dtype, max(size.memory_len, size.prompt_len) + 16, False, 8301) as server:
-        results["server"] = server_rows(server, model, size)
-        results["memory"] = memory_row(server, model, size)
-    with serve(model, dtype, size.context_len + 64, True, 8302) as server:
-        results["multiple_choice"] = multiple_choice(server, model, size)
+    results: dict = {"size": size.name, "offline": {}, "server": {}}
+    for reserved in size.settings:
+        results["offline"][str(reserved)] = offline_child(args.smoke, size, reserved)
+    for reserved in size.settings:
+        max_len = max(size.memory_len, size.prompt_len) + 16
+        with serve(model, dtype, max_len, False, 8301, reserved) as server:
+            results["server"][str(reserved)] = server_rows(server, model, size)
+            if reserved == RESERVED:
+                results["memory"] = memory_row(server, model, size)
+    results["multiple_choice"] = multiple_choice(model, dtype, size)
 
     text = table(results, size)
     results["table"] = text

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from vllm_loglik.engine_output import EngineOutputError
+from vllm_loglik.engine_output import EngineOutputError, ScoredRows
 from vllm_loglik.jobs import Scorer
 from vllm_loglik.scoring import TokenDecoder, score_span, score_tokens
 from vllm_loglik.spans import (
@@ -130,10 +130,8 @@ def test_score_rejects_mismatched_logprobs_as_an_engine_fault():
         score_span(Span([0, 3], 1), [None], TokenDecoder(FakeTokenizer()))
     with pytest.raises(EngineOutputError, match="cannot read"):
         score_span(Span([0, 3], 1), [None, {9: LP(-1, 1)}], TokenDecoder(FakeTokenizer()))
-    with pytest.raises(EngineOutputError, match="no logprob for prompt position 1"):
-        score_tokens(Span([0, 3], 1), [{9: LP(-1, 1)}], TokenDecoder(FakeTokenizer()))
     with pytest.raises(EngineOutputError, match="2 scored entries for 1"):
-        score_tokens(Span([0, 3], 1), [{3: LP(-1, 1)}] * 2, TokenDecoder(FakeTokenizer()))
+        score_tokens(Span([0, 3], 1), ScoredRows([-1.0] * 2, [1] * 2), TokenDecoder(FakeTokenizer()))
 
 
 def test_scorer_errors_name_the_problem():
@@ -208,7 +206,11 @@ def test_compact_finish_gives_the_totals_of_the_full_score():
     scorer = Scorer(FakeTokenizer(), max_model_len=64)
     job = scorer.rolling("abcdefghijklmnopqrstuvwxyz" * 4)  # several windows
     scored = [
-        [{t: LP(-0.25 * (t % 3), 1 if t % 5 else 2), 1: LP(-9.0, 9)} for t in span.scored_token_ids]
+        ScoredRows(
+            [-0.25 * (t % 3) for t in span.scored_token_ids],
+            [1 if t % 5 else 2 for t in span.scored_token_ids],
+            [[(1, -9.0)] for _ in span.scored_token_ids],
+        )
         for span in job.spans
     ]
     full = scorer.finish(job, scored, top_logprobs=1)
@@ -221,5 +223,5 @@ def test_compact_finish_gives_the_totals_of_the_full_score():
     )
     assert compact.tokens == [] and full.tokens
     assert not full.is_greedy  # some ranks are 2
-    with pytest.raises(EngineOutputError, match="no logprob"):
-        scorer.finish(job, [[{}] * len(s.scored_token_ids) for s in job.spans], content=False)
+    with pytest.raises(EngineOutputError, match="scored entries"):
+        scorer.finish(job, [ScoredRows([-1.0], [1]) for s in job.spans], content=False)

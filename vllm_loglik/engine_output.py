@@ -22,11 +22,17 @@ them differently:
 
       n = 6, c = 3:   [None, lp4, lp5]                 entry of position p at index p - c
 
-With no cache hit (`c = 0`) both are `[None, lp1, ..., lp(n-1)]`. `SamplingParams.flat_logprobs`
-returns a `FlatLogprobs` in the same layout, whose empty positions read as `{}`.
+With no cache hit (`c = 0`) both are `[None, lp1, ..., lp(n-1)]`.
 
-`span_logprobs` reads the scored positions of a span in either layout, and checks each entry
-(present, and holding the prompt's token at that position). When it cannot, it returns None, and
+Either list comes in one of two containers. By default it is a Python list of dicts. With
+`SamplingParams(flat_logprobs=True)` it is a `vllm.logprobs.FlatLogprobs`: the same positions as
+flat columns (`token_ids`, `logprobs`, `ranks`, and `start_indices`/`end_indices` per position),
+where a position's first item is the prompt's own token and the next `k` are the top `k` in
+rank order. The server asks for the flat container, which saves vLLM's API-server process a dict
+and a `Logprob` object per position, and reads its columns directly here.
+
+`span_logprobs` reads the scored positions of a span in either layout and either container into
+`ScoredRows`, and checks each position (present, and holding the prompt's token). When it cannot, it returns None, and
 the caller scores the span again without the cache, where both layouts are the same; if even
 that cannot be read, the engine's output is inconsistent, which is an `EngineOutputError`: a
 fault of the server, never of the client's request.
@@ -35,6 +41,7 @@ fault of the server, never of the client's request.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .spans import Span
@@ -44,36 +51,90 @@ class EngineOutputError(RuntimeError):
     """The engine's output for a span cannot be read: an internal fault, not bad input."""
 
 
+@dataclass(slots=True)
+class ScoredRows:
+    """The scored positions of a span, as columns: per position, the logprob and rank of the
+    prompt's own token, and (when asked for) the top alternatives, best first, as
+    `(token_id, logprob)` pairs."""
+
+    logprobs: list[float]
+    ranks: list[int]
+    top: list[list[tuple[int, float]]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.logprobs)
+
+
+def _offset(n: int, length: int, cached: int, span: Span) -> int | None:
+    """Where position `p`'s row is (`p - offset`) in a list of `length` rows, or None."""
+    if cached < 0 or span.start <= cached:
+        return None  # the row predicting the first scored token was never computed
+    if length == n:
+        return 0  # V1, or no cache hit
+    if cached and length == n - cached:
+        return cached  # V2 after a cache hit
+    return None
+
+
+def _from_dicts(
+    rows: Sequence[Mapping[int, Any] | None], ids: Sequence[int], start: int, offset: int, k: int
+) -> ScoredRows | None:
+    logprobs, ranks = [], []
+    top: list[list[tuple[int, float]]] | None = [] if k else None
+    for pos in range(start, len(ids)):
+        entry = rows[pos - offset]
+        actual = entry.get(ids[pos]) if entry else None
+        if actual is None:
+            return None
+        logprobs.append(actual.logprob)
+        ranks.append(actual.rank if actual.rank is not None else 0)
+        if top is not None:
+            best = sorted(entry.items(), key=lambda kv: kv[1].logprob, reverse=True)[:k]
+            top.append([(alt_id, alt.logprob) for alt_id, alt in best])
+    return ScoredRows(logprobs, ranks, top)
+
+
+def _from_flat(flat: Any, ids: Sequence[int], start: int, offset: int, k: int) -> ScoredRows | None:
+    starts = flat.start_indices[start - offset : len(ids) - offset]
+    ends = flat.end_indices[start - offset : len(ids) - offset]
+    token_ids, all_logprobs, all_ranks = flat.token_ids, flat.logprobs, flat.ranks
+    if any(e <= s for s, e in zip(starts, ends)):
+        return None  # an empty position
+    if [token_ids[s] for s in starts] != ids[start:]:
+        return None  # a position that does not hold the prompt's token first
+    logprobs = [all_logprobs[s] for s in starts]
+    ranks = [all_ranks[s] if all_ranks[s] is not None else 0 for s in starts]
+    top = None
+    if k:
+        top = [
+            list(zip(token_ids[s + 1 : min(e, s + 1 + k)], all_logprobs[s + 1 : min(e, s + 1 + k)]))
+            for s, e in zip(starts, ends)
+        ]
+    return ScoredRows(logprobs, ranks, top)
+
+
 def span_logprobs(
     prompt_logprobs: Sequence[Mapping[int, Any] | None] | None,
     num_cached_tokens: int | None,
     span: Span,
-) -> list[Mapping[int, Any]] | None:
-    """The entries of `span`'s scored positions (`span.start .. n-1`), in order, or None.
+    top_logprobs: int = 0,
+) -> ScoredRows | None:
+    """The scored positions of `span` (`span.start .. n-1`) as `ScoredRows`, or None.
 
     None means that they cannot be read from this output: the list has neither layout's length,
-    the cache covered a scored position (its row was never computed), or an entry is missing or
-    does not hold the prompt's token.
+    the cache covered a scored position (its row was never computed), or a position is missing
+    or does not hold the prompt's token. `top_logprobs` alternatives are kept per position (the
+    engine must have been asked for at least that many).
     """
     if prompt_logprobs is None:
         return None
     ids = span.prompt_token_ids
-    n, cached = len(ids), num_cached_tokens or 0
-    if cached < 0 or span.start <= cached:
+    offset = _offset(len(ids), len(prompt_logprobs), num_cached_tokens or 0, span)
+    if offset is None:
         return None
-    if len(prompt_logprobs) == n:
-        offset = 0  # V1, or no cache hit
-    elif cached and len(prompt_logprobs) == n - cached:
-        offset = cached  # V2 after a cache hit
-    else:
-        return None
-    entries = []
-    for pos in range(span.start, n):
-        entry = prompt_logprobs[pos - offset]
-        if not entry or ids[pos] not in entry:
-            return None
-        entries.append(entry)
-    return entries
+    if hasattr(prompt_logprobs, "start_indices"):  # vLLM's FlatLogprobs
+        return _from_flat(prompt_logprobs, ids, span.start, offset, top_logprobs)
+    return _from_dicts(prompt_logprobs, ids, span.start, offset, top_logprobs)
 
 
 def require_span_logprobs(
@@ -81,14 +142,15 @@ def require_span_logprobs(
     num_cached_tokens: int | None,
     span: Span,
     request_id: str,
-) -> list[Mapping[int, Any]]:
+    top_logprobs: int = 0,
+) -> ScoredRows:
     """`span_logprobs`, for an output that must be readable (one computed without the cache)."""
-    entries = span_logprobs(prompt_logprobs, num_cached_tokens, span)
-    if entries is None:
+    rows = span_logprobs(prompt_logprobs, num_cached_tokens, span, top_logprobs)
+    if rows is None:
         got = "no" if prompt_logprobs is None else len(prompt_logprobs)
         raise EngineOutputError(
             f"engine request {request_id}: cannot read prompt logprobs ({got} entries, "
             f"{num_cached_tokens or 0} cached tokens) for a prompt of "
             f"{len(span.prompt_token_ids)} tokens scored from position {span.start}"
         )
-    return entries
+    return rows

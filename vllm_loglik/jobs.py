@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .engine_output import ScoredRows
 from .scoring import Score, TokenDecoder, combine, score_tokens, score_totals
 from .spans import (
     Span,
@@ -151,11 +152,11 @@ class Scorer:
     def finish(
         self,
         job: Job,
-        scored_logprobs: Sequence[Sequence[Mapping[int, Any]]],
+        scored: Sequence[ScoredRows],
         top_logprobs: int = 0,
         content: bool = True,
     ) -> Score:
-        """The `Score` of `job` from the entries of each span's scored positions, as
+        """The `Score` of `job` from the `ScoredRows` of each of its spans, as
         `vllm_loglik.engine_output.span_logprobs` reads them from the engine's output.
 
         `content=False` computes only the totals (`tokens` is then empty, `num_tokens` counts
@@ -163,13 +164,13 @@ class Scorer:
         """
         if not content:
             logprob, is_greedy, count = 0.0, True, 0
-            for span, lps in zip(job.spans, scored_logprobs, strict=True):
-                total, greedy = score_totals(span, lps)
+            for span, rows in zip(job.spans, scored, strict=True):
+                total, greedy = score_totals(span, rows)
                 logprob, is_greedy = logprob + total, is_greedy and greedy
-                count += len(lps)
+                count += len(rows)
             return Score(job.text, logprob, is_greedy, count, [])
         parts = [
-            score_tokens(span, lps, self.decode, top_logprobs)
-            for span, lps in zip(job.spans, scored_logprobs, strict=True)
+            score_tokens(span, rows, self.decode, top_logprobs)
+            for span, rows in zip(job.spans, scored, strict=True)
         ]
         return combine(job.text, parts)

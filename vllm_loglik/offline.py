@@ -48,7 +48,9 @@ def run_jobs(llm: Any, jobs: list[Job], top_logprobs: int, use_tqdm: bool) -> li
     )
     scored = iter(
         [
-            require_span_logprobs(out.prompt_logprobs, out.num_cached_tokens, span, out.request_id)
+            require_span_logprobs(
+                out.prompt_logprobs, out.num_cached_tokens, span, out.request_id, top_logprobs
+            )
             for span, out in zip(spans, outputs, strict=True)
         ]
     )

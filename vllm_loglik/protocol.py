@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import msgspec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 #: The default cap on `continuations` per request; the server reads
@@ -143,10 +144,13 @@ class LoglikelihoodEntry(BaseModel):
     )
 
 
-def entry_from_score(index: int, score: Any, content: bool = True) -> dict[str, Any]:
-    """The JSON of a `LoglikelihoodEntry` from a `vllm_loglik.Score` (built as plain dicts:
-    one per scored token, so validation would only cost time); `content=False` gives the
-    compact entry."""
+def entry_from_score(
+    index: int, score: Any, content: bool = True, plain: bool = True
+) -> dict[str, Any]:
+    """The JSON of a `LoglikelihoodEntry` from a `vllm_loglik.Score` (built with no validation:
+    it holds an item per scored token, so validation would only cost time); `content=False`
+    gives the compact entry. With `plain=False`, `content` holds the score's own `TokenScore`
+    structs, which `msgspec.json.encode` writes in this same shape (what the server does)."""
     entry = {
         "index": index,
         "text": score.text,
@@ -154,22 +158,8 @@ def entry_from_score(index: int, score: Any, content: bool = True) -> dict[str, 
         "num_tokens": score.num_tokens,
         "is_greedy": score.is_greedy,
     }
-    if not content:
-        return entry
-    entry["content"] = [
-        {
-            "token": t.token,
-            "token_id": t.token_id,
-            "logprob": t.logprob,
-            "bytes": t.bytes,
-            "rank": t.rank,
-            "top_logprobs": [
-                {"token": a.token, "token_id": a.token_id, "logprob": a.logprob, "bytes": a.bytes}
-                for a in t.top_logprobs
-            ],
-        }
-        for t in score.tokens
-    ]
+    if content:
+        entry["content"] = msgspec.to_builtins(score.tokens) if plain else score.tokens
     return entry
 
 

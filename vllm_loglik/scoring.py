@@ -1,50 +1,46 @@
 """The arithmetic of a score: sum the logprobs of a span, decide greedy, build per-token entries.
 
 Input is what vLLM's prompt-logprobs path returns for the scored positions of a span, read from
-the engine's output by `vllm_loglik.engine_output`: per position a mapping `{token_id: obj}`
-where `obj` has `.logprob` and `.rank` (vLLM's `Logprob`), holding the actual token and the top
-k alternatives. Nothing here needs an engine.
+the engine's output by `vllm_loglik.engine_output` into `ScoredRows`: per position, the logprob
+and rank of the prompt's token and the top k alternatives. Nothing here needs an engine.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-from .engine_output import EngineOutputError, require_span_logprobs
+import msgspec
+
+from .engine_output import EngineOutputError, ScoredRows, require_span_logprobs
 from .spans import Span
 
 
-class LogprobLike(Protocol):
-    logprob: float
-    rank: int | None
+class TopLogprob(msgspec.Struct, frozen=True):
+    """One alternative at a scored position.
 
+    `TopLogprob` and `TokenScore` are msgspec structs, whose fields are in the order of the
+    server's JSON: a response holds one per scored token, and the server encodes them as they
+    are, with no dict built per token.
+    """
 
-PositionLogprobs = Mapping[int, LogprobLike] | None
-
-
-@dataclass(frozen=True)
-class TopLogprob:
-    """One alternative at a scored position."""
-
-    token_id: int
     token: str
-    bytes: list[int]
+    token_id: int
     logprob: float
+    bytes: list[int]
 
 
-@dataclass(frozen=True)
-class TokenScore:
+class TokenScore(msgspec.Struct, frozen=True):
     """One scored token: its logprob given everything before it, and its rank (1 = argmax)."""
 
-    token_id: int
     token: str
-    bytes: list[int]
+    token_id: int
     logprob: float
+    bytes: list[int]
     rank: int
-    top_logprobs: list[TopLogprob] = field(default_factory=list)
+    top_logprobs: list[TopLogprob] = []
 
 
 @dataclass(frozen=True)
@@ -132,61 +128,40 @@ def _is_byte_level(tokenizer: Any) -> bool:
     return decoder is not None and "ByteLevel" in repr(decoder)
 
 
-def _actual_tokens(
-    span: Span, scored_logprobs: Sequence[Mapping[int, LogprobLike]]
-) -> Iterator[tuple[int, Mapping[int, LogprobLike], LogprobLike]]:
-    """(token id, entry, the token's own logprob) per scored position; an entry that does not
-    fit the span is an `EngineOutputError`."""
-    ids = span.prompt_token_ids
-    if len(scored_logprobs) != len(ids) - span.start:
+def _check(span: Span, rows: ScoredRows) -> None:
+    if len(rows) != len(span.prompt_token_ids) - span.start:
         raise EngineOutputError(
-            f"got {len(scored_logprobs)} scored entries for {len(ids) - span.start} scored tokens"
+            f"got {len(rows)} scored entries for {len(span.prompt_token_ids) - span.start} "
+            "scored tokens"
         )
-    for pos, entry in zip(range(span.start, len(ids)), scored_logprobs):
-        actual = entry.get(ids[pos]) if entry else None
-        if actual is None:
-            raise EngineOutputError(f"the engine returned no logprob for prompt position {pos}")
-        yield ids[pos], entry, actual
 
 
 def score_tokens(
-    span: Span,
-    scored_logprobs: Sequence[Mapping[int, LogprobLike]],
-    decode: TokenDecoder,
-    top_logprobs: int = 0,
+    span: Span, rows: ScoredRows, decode: TokenDecoder, top_logprobs: int = 0
 ) -> list[TokenScore]:
-    """The scored tokens of `span`, from the engine's entries for its scored positions.
-
-    `scored_logprobs[i]` is the entry of prompt position `span.start + i`, as
-    `vllm_loglik.engine_output.span_logprobs` reads it from the engine's output (in either model
-    runner's layout). `top_logprobs` alternatives are kept per token, best first (the engine
-    must have been asked for at least that many).
-    """
+    """The scored tokens of `span`, from the `ScoredRows` of its scored positions, as
+    `vllm_loglik.engine_output.span_logprobs` reads them from the engine's output (in either
+    model runner's layout). `top_logprobs` alternatives are kept per token, best first (the
+    rows must hold at least that many)."""
+    _check(span, rows)
     tokens = []
-    for token_id, entry, actual in _actual_tokens(span, scored_logprobs):
+    top = rows.top if top_logprobs else None
+    for i, token_id in enumerate(span.scored_token_ids):
         alternatives = []
-        if top_logprobs:
-            ranked = sorted(entry.items(), key=lambda kv: kv[1].logprob, reverse=True)
-            for alt_id, alt in ranked[:top_logprobs]:
+        if top is not None:
+            for alt_id, alt_logprob in top[i][:top_logprobs]:
                 alt_text, alt_bytes = decode(alt_id)
-                alternatives.append(TopLogprob(alt_id, alt_text, alt_bytes, alt.logprob))
-        token_text, token_bytes = decode(token_id)
+                alternatives.append(TopLogprob(alt_text, alt_id, alt_logprob, alt_bytes))
+        text, token_bytes = decode(token_id)
         tokens.append(
-            TokenScore(
-                token_id=token_id,
-                token=token_text,
-                bytes=token_bytes,
-                logprob=actual.logprob,
-                rank=actual.rank if actual.rank is not None else 0,
-                top_logprobs=alternatives,
-            )
+            TokenScore(text, token_id, rows.logprobs[i], token_bytes, rows.ranks[i], alternatives)
         )
     return tokens
 
 
 def score_span(
     span: Span,
-    prompt_logprobs: Sequence[PositionLogprobs],
+    prompt_logprobs: Sequence[Mapping[int, Any] | None],
     decode: TokenDecoder,
     top_logprobs: int = 0,
     text: str | None = None,
@@ -195,20 +170,15 @@ def score_span(
     (an entry per prompt position); `text` labels it (by default, the scored tokens decoded)."""
     if text is None:
         text = decode.tokenizer.decode(span.scored_token_ids)
-    scored = require_span_logprobs(prompt_logprobs, 0, span, "score_span")
-    return combine(text, [score_tokens(span, scored, decode, top_logprobs)])
+    rows = require_span_logprobs(prompt_logprobs, 0, span, "score_span", top_logprobs)
+    return combine(text, [score_tokens(span, rows, decode, top_logprobs)])
 
 
-def score_totals(
-    span: Span, scored_logprobs: Sequence[Mapping[int, LogprobLike]]
-) -> tuple[float, bool]:
+def score_totals(span: Span, rows: ScoredRows) -> tuple[float, bool]:
     """The sum of the scored tokens' logprobs and whether each is the argmax (rank 1), with no
-    per-token objects: what the compact response needs. Checked as `score_tokens` checks."""
-    total, greedy = 0.0, True
-    for _, _, actual in _actual_tokens(span, scored_logprobs):
-        total += actual.logprob
-        greedy = greedy and actual.rank == 1
-    return total, greedy
+    per-token objects: what the compact response needs."""
+    _check(span, rows)
+    return sum(rows.logprobs), all(rank == 1 for rank in rows.ranks)
 
 
 def combine(text: str, parts: Sequence[Sequence[TokenScore]]) -> Score:

@@ -15,7 +15,12 @@ from typing import Any
 
 from starlette.datastructures import State
 
-from ..engine_output import EngineOutputError, require_span_logprobs, span_logprobs
+from ..engine_output import (
+    EngineOutputError,
+    ScoredRows,
+    require_span_logprobs,
+    span_logprobs,
+)
 from ..jobs import Job, Scorer
 from ..protocol import DEFAULT_MAX_CONTINUATIONS
 from ..scoring import Score
@@ -117,21 +122,26 @@ class ServerScoring:
                 max_tokens=1,
                 prompt_logprobs=top_logprobs,
                 detokenize=False,  # required with cache reads: see the class docstring
+                flat_logprobs=True,  # no dict or Logprob object per position in this process
                 skip_reading_prefix_cache=not read_cache,
             )
 
-        async def one(i: int, span: Span) -> list[Mapping[int, Any]]:
+        async def one(i: int, span: Span) -> ScoredRows:
             rid = f"loglik-{base}-{i}"
             if prefix is not None:
                 out = await self._generate(span.prompt_token_ids, params(True), rid)
-                scored = span_logprobs(out.prompt_logprobs, out.num_cached_tokens, span)
+                scored = span_logprobs(
+                    out.prompt_logprobs, out.num_cached_tokens, span, top_logprobs
+                )
                 if scored is not None:
                     return scored
                 # The cache reached a scored position, or the output cannot be aligned in
                 # either runner's layout: compute the whole prompt.
                 rid += "-full"
             out = await self._generate(span.prompt_token_ids, params(False), rid)
-            return require_span_logprobs(out.prompt_logprobs, out.num_cached_tokens, span, rid)
+            return require_span_logprobs(
+                out.prompt_logprobs, out.num_cached_tokens, span, rid, top_logprobs
+            )
 
         tasks = [asyncio.ensure_future(one(i, s)) for i, s in enumerate(spans)]
         try:
