@@ -14,11 +14,16 @@ on the Python standard library's source, bf16) in `.cache/bench-model`, then mea
 6. front-end: the API-server process's own CPU time per scored position (psutil; the engine
    core is a process of its own), the plugin against native `prompt_logprobs`, at k = 0 (the
    full per-token response) and at k = 5. On a GPU this cost, not the forward pass, decides
-   the throughput.
+   the throughput;
+7. offline multiple choice: `vllm_loglik.loglikelihood` on an `LLM` with prefix caching on and
+   `block_size=32`, against one native `prompt_logprobs` prompt per pair in one `generate` call;
+8. lm-eval: the wall time of lm-eval's CLI on a 4-choice task with long contexts, the
+   `vllm-loglik` model against lm-eval's `local-completions`, on the same server.
 
 Rows 1-3 and 6 run twice: with vLLM's CPU default of one core reserved for the front-end
 (`VLLM_CPU_NUM_OF_RESERVED_CPU=1`), and with none (`=0`). Rows 4 and 5 use the setting that
-`RESERVED` names. Row 4 runs twice: with the CPU default KV block of 128 tokens, and with 32. Prefix caching is off except in row 4, where the cache is the thing measured.
+`RESERVED` names, and so do rows 7 and 8. Row 4 runs twice: with the CPU default KV block of 128
+tokens, and with 32. Prefix caching is off except in row 4, where the cache is the thing measured.
 Prints a markdown table and writes the figures as JSON (`bench/latest.json`, or `--json PATH`).
 `--smoke` runs the same code on the tiny test model with a few prompts, to keep this script
 working (`make test` runs it); its figures mean nothing.
@@ -61,6 +66,8 @@ class Size:
     repeats: int
     settings: tuple[int, ...]  # values of VLLM_CPU_NUM_OF_RESERVED_CPU, for rows 1-3 and 6
     block_sizes: tuple[int, ...]  # KV block sizes, for row 4
+    offline_questions: int = 16  # row 7
+    lm_eval_questions: int = 32  # row 8
     clients: int = 4
 
 
@@ -69,7 +76,7 @@ RESERVED = 0
 # Full: vLLM's CPU default of 1 reserved core, and 0; the CPU default KV block of 128 tokens,
 # and 32, the smallest that the CPU attention takes. Smoke: one of each, to stay quick.
 FULL = Size("full", 32, 512, 64, 1000, 5, 8000, 2, (1, 0), (128, 32))
-SMOKE = Size("smoke", 4, 64, 3, 300, 5, 400, 1, (RESERVED,), (32,))
+SMOKE = Size("smoke", 4, 64, 3, 300, 5, 400, 1, (RESERVED,), (32,), 2, 3)
 
 
 def stdlib_text(limit_bytes: int) -> str:
@@ -205,11 +212,12 @@ class Timing:
 
 
 def timed(
-    server: ApiServer, bodies: list[dict], size: Size, repeats: int | None = None
-) -> Timing:
-    """The best wall time of `repeats` runs (after a short warm-up), the least CPU time of the
-    API-server process itself over a run (not its children: the engine core is one), and the
-    last responses."""
+    server: ApiServer, bodies: list[dict], size: Size, repeats: int | None = None,
+    warm_up: list[dict] | None = None,
+) -> Timing:  # fmt: skip
+    """The best wall time of `repeats` runs (after a short warm-up: the first bodies, or
+    `warm_up`), the least CPU time of the API-server process itself over a run (not its
+    children: the engine core is one), and the last responses."""
     import psutil
 
     proc = psutil.Process(server.proc.pid)
@@ -218,7 +226,8 @@ def timed(
         times = proc.cpu_times()
         return times.user + times.system
 
-    asyncio.run(run_bodies(server.url, bodies[: size.clients], size.clients))  # warm-up
+    warm_up = bodies[: size.clients] if warm_up is None else warm_up
+    asyncio.run(run_bodies(server.url, warm_up, size.clients))
     best, least, out = float("inf"), float("inf"), []
     for _ in range(repeats or size.repeats):
         before = cpu()
@@ -252,17 +261,29 @@ def server_rows(server: ApiServer, model: str, size: Size) -> dict:
     return out
 
 
+WORDS = [" True", " False", " None", " return", " import", " class", " def", " self"]
+
+
+def questions(model: str, size: Size, count: int, seed: int = 1) -> list[tuple[list[int], list[str]]]:
+    """`count` multiple-choice questions: a context of `size.context_len` tokens (BOS and
+    stdlib source) and 4 continuations of about `size.continuation_len` tokens."""
+    contexts = token_prompts(model, count, size.context_len, seed=seed)
+    return [
+        (ctx, [WORDS[(q + j) % len(WORDS)] + " x" * (size.continuation_len - 1) for j in range(4)])
+        for q, ctx in enumerate(contexts)
+    ]
+
+
 def multiple_choice(model: str, dtype: str, size: Size) -> dict:
-    """Row 4: the native baseline once, and ours at each block size; each server has prefix
-    caching on, as vLLM's default."""
-    contexts = token_prompts(model, size.questions, size.context_len, seed=1)
+    """Row 4: ours at each block size, then the native baseline once; each server has prefix
+    caching on, as vLLM's default. Ours runs first on a fresh server, after a warm-up on other
+    contexts: the native requests store their prompts' blocks in the prefix cache too, which
+    would spare ours the contexts."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model)
-    words = [" True", " False", " None", " return", " import", " class", " def", " self"]
     ours, native, expected = [], [], []
-    for q, ctx in enumerate(contexts):
-        conts = [words[(q + j) % len(words)] + " x" * (size.continuation_len - 1) for j in range(4)]
+    for ctx, conts in questions(model, size, size.questions):
         ours.append({"model": "bench", "prompt": ctx, "max_tokens": 0,
                      "loglikelihood": {"continuations": conts}})  # fmt: skip
         for c in conts:
@@ -270,16 +291,20 @@ def multiple_choice(model: str, dtype: str, size: Size) -> dict:
             native.append({"model": "bench", "prompt": ctx + cont, "max_tokens": 1,
                            "prompt_logprobs": 0})  # fmt: skip
             expected.append(len(ctx))
+    warm_up = [
+        {"model": "bench", "prompt": ctx, "max_tokens": 0, "loglikelihood": {"continuations": c}}
+        for ctx, c in questions(model, size, size.clients, seed=3)
+    ]
     result: dict = {"ours": {}}
     worst = 0.0
     for block_size in size.block_sizes:
         with serve(model, dtype, size.context_len + 64, True, 8302, RESERVED, block_size) as server:
+            ours_out = timed(server, ours, size, repeats=1, warm_up=warm_up)
+            result["ours"][str(block_size)] = ours_out.wall
             if block_size == size.block_sizes[0]:
                 # One run: the baseline takes minutes, long enough to average out the noise.
-                native_out = timed(server, native, size, repeats=1)
+                native_out = timed(server, native, size, repeats=1, warm_up=[])
                 result["native"] = native_out.wall
-            ours_out = timed(server, ours, size, repeats=1)
-            result["ours"][str(block_size)] = ours_out.wall
         # The two paths must give the same numbers.
         for q, response in enumerate(ours_out.responses):
             for j, entry in enumerate(response["choices"][0]["loglikelihood"]):
@@ -290,6 +315,110 @@ def multiple_choice(model: str, dtype: str, size: Size) -> dict:
                 worst = max(worst, max(abs(a - b) for a, b in zip(got, ref, strict=True)))
     result["max_abs_diff"] = worst
     return result
+
+
+def offline_multiple_choice(model: str, size: Size, dtype: str) -> dict:
+    """Row 7: `vllm_loglik.loglikelihood` on an `LLM` with prefix caching on (vLLM's default)
+    and `block_size=32`, against one native `prompt_logprobs` prompt per pair in one `generate`
+    call on the same `LLM`. The prefix cache is emptied before each timed run."""
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    import vllm_loglik
+    from vllm_loglik.offline import scorer_for
+
+    tok = AutoTokenizer.from_pretrained(model)
+    llm = LLM(
+        model, dtype=dtype, max_model_len=size.context_len + 64, enforce_eager=True, seed=0,
+        block_size=32,
+    )  # fmt: skip
+    items = questions(model, size, size.offline_questions)
+    pairs = [(tok.decode(ctx[1:]), c) for ctx, conts in items for c in conts]
+    scorer = scorer_for(llm)  # the same token ids in both paths
+    prompts = [
+        TokensPrompt(prompt_token_ids=scorer.pair(*pair).spans[0].prompt_token_ids)
+        for pair in pairs
+    ]
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+
+    def ours() -> None:
+        vllm_loglik.loglikelihood(llm, pairs)
+
+    def native() -> None:
+        llm.generate(prompts, params, use_tqdm=False)
+
+    vllm_loglik.loglikelihood(llm, [(p[0][::-1], p[1]) for p in pairs[:4]])  # warm-up
+    t: dict[str, list[float]] = {"ours": [], "native": []}
+    for _ in range(size.repeats):
+        for name, fn in (("ours", ours), ("native", native)):
+            llm.reset_prefix_cache()
+            start = time.perf_counter()
+            fn()
+            t[name].append(time.perf_counter() - start)
+    return {k: min(v) for k, v in t.items()}
+
+
+LM_EVAL_TASK = """task: bench_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: question
+doc_to_choice: choices
+doc_to_target: answer
+target_delimiter: ""
+metric_list:
+  - metric: acc
+"""
+
+
+def lm_eval_row(model: str, dtype: str, size: Size) -> dict:
+    """Row 8: lm-eval's wall time on a 4-choice task with long contexts, `vllm-loglik`
+    against lm-eval's own `local-completions` (echo + logprobs, one request per pair), on the
+    same server (prefix caching on, `--block-size 32`), each with `num_concurrent` = clients.
+    Each is one run of the CLI, start-up included; ours runs first, after a warm-up on other
+    contexts (local-completions' requests store their prompts in the prefix cache)."""
+    import httpx
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    folder = ROOT / ".cache" / f"bench-lm-eval-{size.name}"
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "bench_mc.jsonl"
+    with open(data, "w") as f:
+        for q, (ctx, conts) in enumerate(questions(model, size, size.lm_eval_questions, seed=4)):
+            doc = {"question": tok.decode(ctx[1:]), "choices": conts, "answer": q % 4}
+            f.write(json.dumps(doc) + "\n")
+    (folder / "bench_mc.yaml").write_text(LM_EVAL_TASK.format(data=data))
+    cli = str(Path(sys.executable).parent / "vllm-loglik")
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    with serve(model, dtype, size.context_len + 64, True, 8303, RESERVED, 32) as server:
+        for ctx, conts in questions(model, size, size.clients, seed=3):
+            body = {"model": "bench", "prompt": ctx, "max_tokens": 0,
+                    "loglikelihood": {"continuations": conts}}  # fmt: skip
+            httpx.post(server.url + "/v1/completions", json=body, timeout=600).raise_for_status()
+        url = server.url + "/v1/completions"
+        out: dict = {}
+        for name, model_args in (
+            ("ours", f"model=bench,base_url={url},num_concurrent={size.clients}"),
+            ("local_completions",
+             f"model=bench,base_url={url},num_concurrent={size.clients},"
+             f"tokenizer_backend=huggingface,tokenizer={model},tokenized_requests=True"),
+        ):  # fmt: skip
+            lm = "vllm-loglik" if name == "ours" else "local-completions"
+            cmd = [cli, "eval", "--model", lm, "--model_args", model_args, "--tasks", "bench_mc",
+                   "--include_path", str(folder), "--output_path", str(folder / name)]  # fmt: skip
+            start = time.perf_counter()
+            run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+            out[name] = time.perf_counter() - start
+            if run.returncode != 0:
+                sys.exit(f"lm-eval ({lm}) failed:\n{run.stderr[-3000:]}")
+            (results,) = (folder / name).rglob("results_*.json")
+            out[f"{name}_acc"] = json.loads(results.read_text())["results"]["bench_mc"]["acc,none"]
+    return out
 
 
 def peak_rss(pid: int, fn) -> tuple[float, float]:
@@ -390,6 +519,20 @@ def table(r: dict, size: Size) -> str:
          f"{short['plain_growth_gib']:.2f} GiB (len × vocab × 4 B at {long['tokens']}: "
          f"{vocab_bytes:.2f} GiB)")
     )  # fmt: skip
+    omc, lm = r["offline_multiple_choice"], r["lm_eval"]
+    rows.append(
+        ("7. offline multiple choice: speed-up over one prompt per pair",
+         f"{RESERVED} reserved, block 32", omc["native"] / omc["ours"], "≥ 4×",
+         f"{omc['native']:.2f} s vs {omc['ours']:.2f} s ({size.offline_questions} questions × 4 "
+         f"continuations, {size.context_len}-token contexts)")
+    )  # fmt: skip
+    rows.append(
+        ("8. lm-eval: `vllm-loglik` vs `local-completions`, same server",
+         f"{RESERVED} reserved, block 32", lm["local_completions"] / lm["ours"], "≥ 3×",
+         f"{lm['local_completions']:.1f} s vs {lm['ours']:.1f} s ({size.lm_eval_questions} "
+         f"questions, {size.context_len}-token contexts; acc {lm['local_completions_acc']:.3f} vs "
+         f"{lm['ours_acc']:.3f})")
+    )  # fmt: skip
     rows.sort(key=lambda row: row[0][:2])  # by row number; settings in measured order
     lines = [
         "| row | CPU setting | ratio | goal | measured |",
@@ -399,12 +542,13 @@ def table(r: dict, size: Size) -> str:
     return "\n".join(lines)
 
 
-def offline_child(smoke: bool, size: Size, reserved: int) -> dict:
-    """Rows 3 in a process of their own, so that its engine is gone before the next one."""
-    out = ROOT / ".cache" / f"bench-offline-{size.name}-{reserved}.json"
-    cmd = [sys.executable, __file__, "--offline-child", "--json", str(out)]
+def offline_child(smoke: bool, size: Size, reserved: int, kind: str = "rows") -> dict:
+    """Row 3 (`kind` "rows") or row 7 ("mc") in a process of its own, so that its engine is
+    gone before the next one."""
+    out = ROOT / ".cache" / f"bench-offline-{kind}-{size.name}-{reserved}.json"
+    cmd = [sys.executable, __file__, "--offline-child", kind, "--json", str(out)]
     out.unlink(missing_ok=True)
-    log_path = ROOT / ".cache" / f"bench-offline-{size.name}-{reserved}.log"
+    log_path = ROOT / ".cache" / f"bench-offline-{kind}-{size.name}-{reserved}.log"
     env = dict(os.environ, **reserved_env(reserved))
     with open(log_path, "w") as log:  # a file, not a pipe: vLLM's helpers outlive the child
         child = subprocess.Popen(
@@ -424,14 +568,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny model, few prompts")
     parser.add_argument("--json", type=Path, help="where to write the figures")
-    parser.add_argument("--offline-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--offline-child", choices=["rows", "mc"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     size = SMOKE if args.smoke else FULL
     dtype = "float32" if args.smoke else "bfloat16"
     model = build(size)
 
     if args.offline_child:  # runs in its own process, so its engine is gone before the server's
-        args.json.write_text(json.dumps(offline_rows(model, size, dtype)))
+        rows = offline_rows if args.offline_child == "rows" else offline_multiple_choice
+        args.json.write_text(json.dumps(rows(model, size, dtype)))
         sys.stdout.flush()
         os._exit(0)  # skip the engine's teardown, which can abort the process at exit
 
@@ -445,6 +590,8 @@ def main() -> None:
             if reserved == RESERVED:
                 results["memory"] = memory_row(server, model, size)
     results["multiple_choice"] = multiple_choice(model, dtype, size)
+    results["offline_multiple_choice"] = offline_child(args.smoke, size, RESERVED, "mc")
+    results["lm_eval"] = lm_eval_row(model, dtype, size)
 
     text = table(results, size)
     results["table"] = text

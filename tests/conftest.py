@@ -36,6 +36,9 @@ def llm(model_path):
         max_model_len=MAX_MODEL_LEN,
         enforce_eager=True,
         seed=0,
+        # Prefix caching is on (vLLM's default), with small KV blocks as on the test server, so
+        # that the offline API's shared-context path runs wherever a context fills a block.
+        block_size=32,
     )
     yield engine
     # Stop the engine here: left to the interpreter's exit, its teardown can abort the process.

@@ -221,18 +221,63 @@ def test_chat_last_message_with_and_without_candidates(llm, ref):
         assert score.text == text
 
 
-def test_one_engine_call_per_invocation(llm, monkeypatch):
+def spy_generate(llm, monkeypatch) -> list[tuple[list, list, list]]:
+    """Record each `llm.generate` call: its prompts, sampling parameters and outputs."""
     calls = []
     original = llm.generate
 
-    def counting(*args, **kwargs):
-        calls.append(len(args[0]))
-        return original(*args, **kwargs)
+    def spy(prompts, params, **kwargs):
+        outputs = original(prompts, params, **kwargs)
+        calls.append((prompts, params, outputs))
+        return outputs
 
-    monkeypatch.setattr(llm, "generate", counting)
-    vllm_loglik.loglikelihood(llm, PAIRS[:4])
+    monkeypatch.setattr(llm, "generate", spy)
+    return calls
+
+
+def test_one_engine_call_per_invocation_without_shared_contexts(llm, monkeypatch):
+    calls = spy_generate(llm, monkeypatch)
+    vllm_loglik.loglikelihood(llm, PAIRS[:4])  # no context fills a KV block
     vllm_loglik.loglikelihood_rolling(llm, [default_corpus(), "short"])
-    assert calls[0] == 4 and len(calls) == 2 and calls[1] >= 5
+    assert [len(prompts) for prompts, _, _ in calls][0] == 4
+    assert len(calls) == 2 and len(calls[1][0]) >= 5
+
+
+def test_shared_contexts_are_computed_once_offline(llm, ref, monkeypatch):
+    from tests.test_server import LONG_CONTEXT, OPTIONS
+
+    pairs = [(LONG_CONTEXT, o) for o in OPTIONS] + PAIRS[:3]
+    calls = spy_generate(llm, monkeypatch)
+    scores = vllm_loglik.loglikelihood(llm, pairs, top_logprobs=2)
+    # One call warms the long context up; one scores everything.
+    (warm, _, _), (prompts, params, outputs) = calls
+    ctx_len = len(ref.tokenizer.encode(LONG_CONTEXT))
+    assert len(warm) == 1 and len(warm[0]["prompt_token_ids"]) == ctx_len - 1
+    assert len(prompts) == len(pairs)
+    for i, out in enumerate(outputs):
+        if i < len(OPTIONS):  # read the context's full KV blocks from the cache
+            assert not params[i].skip_reading_prefix_cache
+            assert out.num_cached_tokens >= (ctx_len - 1) // 32 * 32 >= 64
+        else:  # short contexts: scored without the cache
+            assert params[i].skip_reading_prefix_cache
+    for (context, continuation), score in zip(pairs, scores, strict=True):
+        ctx, cont = reference_split(ref.tokenizer, context, continuation)
+        assert_matches(score, ref, ctx + cont, len(ctx))
+
+    # The chat candidates of one conversation share its rendered head the same way.
+    chat = [{"role": "user", "content": LONG_CONTEXT}]
+    calls.clear()
+    [candidates] = vllm_loglik.chat_loglikelihood(llm, [chat], candidates=[OPTIONS])
+    assert len(calls) == 2 and all(o.num_cached_tokens >= 64 for o in calls[1][2])
+    calls.clear()
+    monkeypatch.undo()
+    uncached = [
+        vllm_loglik.chat_loglikelihood(llm, [chat], candidates=[[option]])[0][0]
+        for option in OPTIONS
+    ]
+    for got, want in zip(candidates, uncached, strict=True):
+        assert got.token_ids == want.token_ids
+        assert all(abs(a.logprob - b.logprob) <= TOL for a, b in zip(got.tokens, want.tokens))
 
 
 @pytest.mark.parametrize(

@@ -166,6 +166,38 @@ def test_whole_prompt_true_with_text_ids_batch_and_n(server, llm, ref):
     assert [len(entries(c)[0].content) for c in response.choices] == [len(ids) - 1, 4]
 
 
+def test_rolling_scope_scores_a_long_text_as_the_offline_api_does(server, llm, ref):
+    from vllm_loglik.testing import default_corpus
+
+    text = default_corpus()[:3000]  # many windows of the test server's 126 tokens
+    tokens = ref.tokenizer.encode(text, add_special_tokens=False)
+    assert len(tokens) > 4 * (MAX_MODEL_LEN - 2)
+    [offline] = vllm_loglik.loglikelihood_rolling(llm, [text], top_logprobs=1)
+    client = server.client()
+    response = client.completions.create(
+        model=MODEL, prompt=text, max_tokens=0,
+        extra_body={"loglikelihood": {"scope": "rolling", "top_logprobs": 1}},
+    )  # fmt: skip
+    (entry,) = entries(response.choices[0])
+    assert entry.text == text and entry.num_tokens == len(tokens)
+    assert_same(entry, offline)
+    assert response.usage.prompt_tokens > len(tokens)  # every window's prompt
+
+    # The compact entry, a token-id prompt (the text's tokens), and several texts at once.
+    body = {"model": MODEL, "max_tokens": 0,
+            "loglikelihood": {"scope": "rolling", "content": False}}  # fmt: skip
+    compact = post(server, "/v1/completions", dict(body, prompt=text)).json()
+    (c,) = compact["choices"][0]["loglikelihood"]
+    assert "content" not in c and c["num_tokens"] == len(tokens)
+    assert abs(c["logprob"] - offline.logprob) <= TOL * len(tokens)
+    by_ids = post(server, "/v1/completions", dict(body, prompt=tokens)).json()
+    assert by_ids["choices"][0]["loglikelihood"][0]["logprob"] == pytest.approx(c["logprob"], abs=1e-3)
+    several = post(server, "/v1/completions", dict(body, prompt=[text, "Short text."])).json()
+    [short] = vllm_loglik.loglikelihood_rolling(llm, ["Short text."])
+    got = [choice["loglikelihood"][0]["logprob"] for choice in several["choices"]]
+    assert got == pytest.approx([offline.logprob, short.logprob], abs=TOL * len(tokens))
+
+
 def test_token_id_prompt_with_continuations(server, ref):
     ctx = ref.tokenizer.encode("The capital of France is")
     body = {
@@ -303,6 +335,13 @@ BAD_REQUESTS = [
     ("/v1/completions", {"loglikelihood": {"top_logprobs": 21}}, "loglikelihood.top_logprobs"),
     ("/v1/completions", {"loglikelihood": {"scope": "last_message"}}, "loglikelihood.scope"),
     ("/v1/completions", {"loglikelihood": {"scope": "everything"}}, "loglikelihood.scope"),
+    (
+        "/v1/completions",
+        {"loglikelihood": {"scope": "rolling", "continuations": ["a"]}},
+        "loglikelihood.scope",
+    ),
+    ("/v1/completions", {"prompt": "", "loglikelihood": {"scope": "rolling"}}, "prompt"),
+    ("/v1/chat/completions", {"loglikelihood": {"scope": "rolling"}}, "loglikelihood.scope"),
     ("/v1/completions", {"loglikelihood": True, "stream": True}, "stream"),
     (
         "/v1/completions",

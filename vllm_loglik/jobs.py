@@ -26,6 +26,7 @@ from .spans import (
     pair_span,
     prompt_span,
     rolling_spans,
+    rolling_token_spans,
     validate_conversation,
 )
 
@@ -72,9 +73,14 @@ class Scorer:
         span = pair_span(self.encoder, context, continuation)
         return Job(continuation, [self._fits(span, "context plus continuation")])
 
-    def rolling(self, text: str) -> Job:
-        """lm-eval `loglikelihood_rolling`: every token of `text`, in disjoint windows."""
-        return Job(text, rolling_spans(self.encoder, text, self.max_model_len - 2))
+    def rolling(self, text: str | Sequence[int]) -> Job:
+        """lm-eval `loglikelihood_rolling`: every token of `text`, in disjoint windows. A text
+        given as token ids is taken as its tokens (no special token is added)."""
+        if isinstance(text, str):
+            return Job(text, rolling_spans(self.encoder, text, self.max_model_len - 2))
+        ids = list(text)
+        spans = rolling_token_spans(ids, self.encoder.prefix_token_id, self.max_model_len - 2)
+        return Job(self.tokenizer.decode(ids), spans)
 
     def pair_ids(self, context_ids: Sequence[int], continuation: str) -> Job:
         """`continuation` after a context given as token ids: the continuation is encoded on its
@@ -139,12 +145,18 @@ class Scorer:
         kwargs = dict(chat_template_kwargs or {})
 
         def render(msgs: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+            options = dict(kwargs)
+            if add_generation_prompt:
+                # The head of a conversation whose final message continues (the request's
+                # `continue_final_message`) ends with the generation prompt: the two options
+                # exclude each other, and the option belongs to the whole rendering only.
+                options.pop("continue_final_message", None)
             return self.tokenizer.apply_chat_template(
                 msgs,
                 tokenize=False,
                 add_generation_prompt=add_generation_prompt,
                 chat_template=self.chat_template,
-                **kwargs,
+                **options,
             )
 
         return render

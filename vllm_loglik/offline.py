@@ -1,24 +1,29 @@
 """The offline API: loglikelihoods on an existing `vllm.LLM`.
 
 Each function validates all of its input first (a `ValueError` names the problem and nothing
-is sent to the engine), then makes one `LLM.generate` call for the whole batch, with
-`SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False)`: vLLM's prompt-logprobs
-path, which computes log P(token | earlier tokens) at every prompt position. The one generated
-token is discarded. Requests with prompt logprobs do not read vLLM's prefix cache, so the
-numbers never depend on what was computed before.
+is sent to the engine), then scores the whole batch with vLLM's prompt-logprobs path, which
+computes log P(token | earlier tokens) at every prompt position, through the protocol of
+`vllm_loglik.engine_requests` that the server uses too: one `LLM.generate` call per step of it.
+When the `LLM` has prefix caching on (vLLM's default), a context shared by several
+continuations or candidates is computed once (one more `generate` call warms it up), and only
+the rest of each prompt is computed again; scored positions are always computed, so the
+numbers equal those of the uncached path. The one generated token of each request is
+discarded.
 """
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .engine_output import require_span_logprobs
+from .engine_requests import EngineRequest, run_sync, score_spans
 from .jobs import Job, Scorer, check_top_logprobs
 from .scoring import Score
 
 _scorers: weakref.WeakKeyDictionary[Any, Scorer] = weakref.WeakKeyDictionary()
+_calls = itertools.count()
 
 
 def scorer_for(llm: Any) -> Scorer:
@@ -31,8 +36,8 @@ def scorer_for(llm: Any) -> Scorer:
 
 
 def run_jobs(llm: Any, jobs: list[Job], top_logprobs: int, use_tqdm: bool) -> list[Score]:
-    """Score `jobs` with one engine call and return their scores in order."""
-    from vllm import SamplingParams
+    """Score `jobs` with the protocol of `vllm_loglik.engine_requests`, one `LLM.generate`
+    call per batch of it, and return their scores in order."""
     from vllm.inputs import TokensPrompt
 
     top_logprobs = check_top_logprobs(top_logprobs)
@@ -40,20 +45,15 @@ def run_jobs(llm: Any, jobs: list[Job], top_logprobs: int, use_tqdm: bool) -> li
     spans = [span for job in jobs for span in job.spans]
     if not spans:
         return []
-    params = SamplingParams(max_tokens=1, prompt_logprobs=top_logprobs, detokenize=False)
-    outputs = llm.generate(
-        [TokensPrompt(prompt_token_ids=span.prompt_token_ids) for span in spans],
-        params,
-        use_tqdm=use_tqdm,
-    )
-    scored = iter(
-        [
-            require_span_logprobs(
-                out.prompt_logprobs, out.num_cached_tokens, span, out.request_id, top_logprobs
-            )
-            for span, out in zip(spans, outputs, strict=True)
-        ]
-    )
+    cache = llm.llm_engine.vllm_config.cache_config
+    block_size = cache.block_size if cache.enable_prefix_caching else None
+
+    def run(batch: list[EngineRequest]) -> list[Any]:
+        prompts = [TokensPrompt(prompt_token_ids=r.prompt_token_ids) for r in batch]
+        return llm.generate(prompts, [r.params for r in batch], use_tqdm=use_tqdm)
+
+    protocol = score_spans(spans, top_logprobs, block_size, f"offline-{next(_calls)}")
+    scored = iter(run_sync(protocol, run))
     return [scorer.finish(job, [next(scored) for _ in job.spans], top_logprobs) for job in jobs]
 
 

@@ -51,11 +51,14 @@ class LoglikelihoodOptions(BaseModel):
             "to `messages` and scored under the chat template. One entry per continuation."
         ),
     )
-    scope: Literal["prompt", "last_message"] = Field(
+    scope: Literal["prompt", "last_message", "rolling"] = Field(
         default="prompt",
         description=(
             "`prompt`: every prompt token except the first. `last_message` (chat only): only "
-            "the tokens of the final message of `messages`."
+            "the tokens of the final message of `messages`. `rolling` (completions only): every "
+            "token of a prompt text of any length, scored in the disjoint windows of "
+            "lm-evaluation-harness's loglikelihood_rolling (the first after the BOS token), "
+            "as one entry: the perplexity of a long document."
         ),
     )
     top_logprobs: int | None = Field(

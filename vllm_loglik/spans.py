@@ -207,10 +207,14 @@ def rolling_spans(encoder: TextEncoder, text: str, max_seq_len: int) -> list[Spa
     if not isinstance(text, str):
         raise ValueError(f"a rolling text must be a string, got {type(text).__name__}")
     check_text(text, "the rolling text")
-    tokens = encoder.encode_plain(text)
+    return rolling_token_spans(encoder.encode_plain(text), encoder.prefix_token_id, max_seq_len)
+
+
+def rolling_token_spans(tokens: Sequence[int], prefix_token_id: int, max_seq_len: int) -> list[Span]:
+    """The disjoint rolling windows of a text given as its tokens (see `rolling_spans`)."""
     if not tokens:
         raise ValueError("a rolling text must not be empty: there would be no token to score")
-    windows = get_rolling_token_windows(tokens, encoder.prefix_token_id, max_seq_len, 1)
+    windows = get_rolling_token_windows(list(tokens), prefix_token_id, max_seq_len, 1)
     spans = []
     for ctx, pred in map(make_disjoint_window, windows):
         spans.append(Span(ctx + pred, len(ctx)))

@@ -26,6 +26,7 @@ def _install() -> None:
     log_path = os.environ.get("VLLM_LOGLIK_V2_LAYOUT_LOG")
     if not log_path:
         return
+    from vllm.logprobs import FlatLogprobs
     from vllm.outputs import RequestOutput
     from vllm.v1.engine.output_processor import RequestState
 
@@ -42,7 +43,13 @@ def _install() -> None:
             return out
         if cached:
             v1 = out.prompt_logprobs
-            out.prompt_logprobs = [None] + list(v1[cached + 1 :])
+            if isinstance(v1, FlatLogprobs):  # `flat_logprobs=True`: keep the container
+                v2 = FlatLogprobs()
+                v2.append(None)
+                v2.extend(v1[cached + 1 :])
+                out.prompt_logprobs = v2
+            else:
+                out.prompt_logprobs = [None] + list(v1[cached + 1 :])
             with open(log_path, "a") as log:
                 log.write(f"{out.request_id} {len(v1)} {cached} {len(out.prompt_logprobs)}\n")
         return out

@@ -47,6 +47,12 @@ async def score_chat(request: LoglikelihoodChatCompletionRequest, raw_request: R
     try:
         scoring, options = checked(request, raw_request)
         k = top_logprobs_of(options, request.top_logprobs if request.logprobs else 0, "top_logprobs")
+        if options.scope == "rolling":
+            raise RequestError(
+                "loglikelihood.scope",
+                "loglikelihood.scope 'rolling' is only for /v1/completions; chat scores the "
+                "rendered prompt, the last message or candidate messages",
+            )
         messages = chat_messages(request.messages)
         kwargs = dict(request.chat_template_kwargs or {})
         if request.continue_final_message:

@@ -25,11 +25,17 @@ from .validation import checked, top_logprobs_of
 async def score_completion(request: LoglikelihoodCompletionRequest, raw_request: Request):
     try:
         scoring, options = checked(request, raw_request)
-        if options.scope != "prompt":
+        if options.scope == "last_message":
             raise RequestError(
                 "loglikelihood.scope",
                 "loglikelihood.scope 'last_message' is only for /v1/chat/completions; "
-                "completions score the prompt or continuations",
+                "completions score the prompt, continuations of it, or a rolling text",
+            )
+        if options.scope == "rolling" and options.continuations is not None:
+            raise RequestError(
+                "loglikelihood.scope",
+                "loglikelihood.scope 'rolling' scores the whole prompt; it cannot be combined "
+                "with loglikelihood.continuations",
             )
         k = top_logprobs_of(options, request.logprobs, "logprobs")
         prompts = completion_prompts(request.prompt)
@@ -87,6 +93,8 @@ def completion_jobs(
         except ValueError as e:
             raise RequestError(where, str(e)) from None
     try:
+        if options.scope == "rolling":
+            return [scorer.rolling(prompt)]
         if options.continuations is None:
             return [scorer.prompt(prompt)]
         jobs = []

@@ -1,30 +1,20 @@
-"""How the server computes prompt logprobs with vLLM's engine: `ServerScoring`.
-
-Every span is one engine request with `SamplingParams(max_tokens=1, prompt_logprobs=k,
-detokenize=False)`, sent through the `EngineClient` that the plugin receives in `init_state`,
-as vLLM's own serving handlers send theirs. All spans of a request are in flight at once.
-"""
+"""How the server computes prompt logprobs with vLLM's engine: `ServerScoring`, which runs the
+protocol of `vllm_loglik.engine_requests` through the plugin's `EngineClient`."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import uuid
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 from starlette.datastructures import State
 
-from ..engine_output import (
-    EngineOutputError,
-    ScoredRows,
-    require_span_logprobs,
-    span_logprobs,
-)
+from ..engine_output import EngineOutputError
+from ..engine_requests import EngineRequest, run_async, score_spans
 from ..jobs import Job, Scorer
 from ..protocol import DEFAULT_MAX_CONTINUATIONS
 from ..scoring import Score
-from ..spans import Span
 
 
 class ScoringFault(RuntimeError):
@@ -38,22 +28,12 @@ class ScoringFault(RuntimeError):
 class ServerScoring:
     """Per-app state: the scorer, and the engine that computes prompt logprobs.
 
-    Shared contexts are computed once. When the engine has prefix caching on, a request whose
-    spans share a prefix of at least one KV block (the context of several continuations, or
-    of one continuation: a client may send the same context again with the next one) first
-    prefills that prefix as a plain request (no logprobs), which stores its full blocks in the
-    prefix cache. The spans are then scored with `skip_reading_prefix_cache=False`, so the
-    engine computes only the uncached tail. This is safe only with `detokenize=False`: vLLM
-    leaves the cached positions' prompt logprobs unset, and detokenizing them kills the engine.
-    The warm-up prefix stops one token before the first scored position, so the logits that
-    predict the first scored token are always computed.
-
-    The rows of a cached request come back in the layout of the engine's model runner (V1 on
-    the CPU, V2 by default on a GPU); `vllm_loglik.engine_output.span_logprobs` reads both,
-    aligned by `num_cached_tokens`. A span whose output cannot be read that way, for whatever
-    reason (its cache hit reached a scored position, an unknown layout, a missing entry), is
-    scored again without the cache. Only if that output cannot be read either is it an
-    `EngineOutputError`: a server fault (HTTP 500), never a client's 400.
+    A request's spans are scored with the protocol of `vllm_loglik.engine_requests` (the same
+    as the offline API's): a shared context is computed once when the engine has prefix caching
+    on, and so is the context of a lone continuation, since a client may send the same context
+    again with the next one. Each batch of the protocol's engine requests is
+    sent through the `EngineClient` that the plugin receives in `init_state`, all at once, as
+    vLLM's own serving handlers send theirs.
     """
 
     def __init__(self, engine_client: Any, state: State):
@@ -70,31 +50,25 @@ class ServerScoring:
         cache = engine_client.vllm_config.cache_config
         self.block_size: int | None = cache.block_size if cache.enable_prefix_caching else None
 
-    def shared_prefix(self, spans: Sequence[Span]) -> list[int] | None:
-        """The prefix worth caching for `spans`, or None: their common prefix, cut one token
-        before the first scored position, if it fills at least one KV block."""
-        if self.block_size is None or not spans:
-            return None
-        first = spans[0].prompt_token_ids
-        n = min(span.start for span in spans) - 1
-        for span in spans[1:]:
-            ids = span.prompt_token_ids
-            n = min(n, len(ids))
-            for i in range(n):
-                if ids[i] != first[i]:
-                    n = i
-                    break
-        return first[:n] if n >= self.block_size else None
-
-    async def _generate(self, ids: list[int], params: Any, request_id: str) -> Any:
+    async def _generate(self, request: EngineRequest) -> Any:
         from vllm.inputs import TokensPrompt
 
         final = None
-        async for out in self.engine.generate(TokensPrompt(prompt_token_ids=ids), params, request_id):
+        prompt = TokensPrompt(prompt_token_ids=request.prompt_token_ids)
+        async for out in self.engine.generate(prompt, request.params, request.request_id):
             final = out
         if final is None:
-            raise EngineOutputError(f"engine request {request_id} returned no output")
+            raise EngineOutputError(f"engine request {request.request_id} returned no output")
         return final
+
+    async def _run_batch(self, batch: list[EngineRequest]) -> list[Any]:
+        tasks = [asyncio.ensure_future(self._generate(request)) for request in batch]
+        try:
+            return await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
 
     async def run(self, jobs: list[Job], top_logprobs: int, content: bool = True) -> list[Score]:
         """Score `jobs`: every span is its own engine request, all in flight at once.
@@ -109,47 +83,11 @@ class ServerScoring:
             raise ScoringFault(f"{type(e).__name__}: {e}") from e
 
     async def _run(self, jobs: list[Job], top_logprobs: int, content: bool) -> list[Score]:
-        from vllm import SamplingParams
-
-        base = uuid.uuid4().hex
         spans = [span for job in jobs for span in job.spans]
-        prefix = self.shared_prefix(spans)
-        if prefix is not None:
-            await self._generate(prefix, SamplingParams(max_tokens=1), f"loglik-{base}-prefix")
-
-        def params(read_cache: bool) -> Any:
-            return SamplingParams(
-                max_tokens=1,
-                prompt_logprobs=top_logprobs,
-                detokenize=False,  # required with cache reads: see the class docstring
-                flat_logprobs=True,  # no dict or Logprob object per position in this process
-                skip_reading_prefix_cache=not read_cache,
-            )
-
-        async def one(i: int, span: Span) -> ScoredRows:
-            rid = f"loglik-{base}-{i}"
-            if prefix is not None:
-                out = await self._generate(span.prompt_token_ids, params(True), rid)
-                scored = span_logprobs(
-                    out.prompt_logprobs, out.num_cached_tokens, span, top_logprobs
-                )
-                if scored is not None:
-                    return scored
-                # The cache reached a scored position, or the output cannot be aligned in
-                # either runner's layout: compute the whole prompt.
-                rid += "-full"
-            out = await self._generate(span.prompt_token_ids, params(False), rid)
-            return require_span_logprobs(
-                out.prompt_logprobs, out.num_cached_tokens, span, rid, top_logprobs
-            )
-
-        tasks = [asyncio.ensure_future(one(i, s)) for i, s in enumerate(spans)]
-        try:
-            scored = iter(await asyncio.gather(*tasks))
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            raise
+        protocol = score_spans(
+            spans, top_logprobs, self.block_size, f"loglik-{uuid.uuid4().hex}", warm_single=True
+        )
+        scored = iter(await run_async(protocol, self._run_batch))
         return [
             self.scorer.finish(job, [next(scored) for _ in job.spans], top_logprobs, content)
             for job in jobs

@@ -1,0 +1,173 @@
+"""The engine requests that compute the scored positions of spans: one protocol for the offline
+API and the server.
+
+Every span is scored by one engine request with `SamplingParams(max_tokens=1,
+prompt_logprobs=k, detokenize=False, flat_logprobs=True)`. Shared contexts are computed once:
+
+1. **Warm-up.** When the engine has prefix caching on, a group of spans with the same context
+   (the continuations of one context) whose context fills at least one KV block first prefills
+   that context as a plain request (no logprobs), which stores its full blocks in the prefix
+   cache. The prefix stops one token before the group's first scored position, so the logits
+   that predict the first scored token are always computed.
+2. **Scoring.** The spans of a warmed group are scored with `skip_reading_prefix_cache=False`,
+   so the engine computes only the uncached tail. This is safe only with `detokenize=False`:
+   vLLM leaves the cached positions' prompt logprobs unset, and detokenizing them kills the
+   engine. Every other span is scored without reading the cache, as vLLM does by default for
+   prompt logprobs.
+3. **Fallback.** A cached span whose output cannot be read (its cache hit reached a scored
+   position, for instance after the same prompt was scored before; an unknown layout; a missing
+   entry) is scored again without the cache. Only if that output cannot be read either is it an
+   `EngineOutputError`: a fault of the engine's output, never of the client's input.
+
+The rows of a cached request come back in the layout of the engine's model runner (V1 on the
+CPU, V2 by default on a GPU); `vllm_loglik.engine_output.span_logprobs` reads both, aligned by
+`num_cached_tokens`.
+
+`score_spans` is this protocol as a generator: it yields each batch of `EngineRequest`s, is
+sent their outputs in the same order, and returns the `ScoredRows` of every span. The offline
+API runs each batch with one `LLM.generate` call; the server runs each request through its
+`EngineClient`, all of a batch at once. So both send the same requests and read them the same
+way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .engine_output import ScoredRows, require_span_logprobs, span_logprobs
+from .spans import Span
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    prompt_token_ids: list[int]
+    params: Any  # vllm.SamplingParams
+    request_id: str
+
+
+#: What `score_spans` is: yields batches of requests, is sent their outputs, returns the rows.
+Protocol = Generator[list[EngineRequest], list[Any], list[ScoredRows]]
+
+
+def shared_prefix(spans: Sequence[Span], block_size: int | None) -> list[int] | None:
+    """The prefix worth caching for `spans`, or None: their common prefix, cut one token before
+    the first scored position, if it fills at least one KV block (`block_size`; None when the
+    engine has no prefix caching)."""
+    if block_size is None or not spans:
+        return None
+    first = spans[0].prompt_token_ids
+    n = min(span.start for span in spans) - 1
+    for span in spans[1:]:
+        ids = span.prompt_token_ids
+        n = min(n, len(ids))
+        for i in range(n):
+            if ids[i] != first[i]:
+                n = i
+                break
+    return list(first[:n]) if n >= block_size else None
+
+
+def scoring_params(top_logprobs: int, read_cache: bool) -> Any:
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        max_tokens=1,
+        prompt_logprobs=top_logprobs,
+        detokenize=False,  # required with cache reads: see the module docstring
+        flat_logprobs=True,  # no dict or Logprob object per position in the front-end
+        skip_reading_prefix_cache=not read_cache,
+    )
+
+
+def warm_up_params() -> Any:
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=1, detokenize=False)
+
+
+def score_spans(
+    spans: Sequence[Span],
+    top_logprobs: int,
+    block_size: int | None,
+    request_id: str,
+    warm_single: bool = False,
+) -> Protocol:
+    """The protocol (see the module docstring) for `spans`, as a generator.
+
+    Spans with the same context (the same tokens before their first scored position: the
+    continuations of one context, or the candidates of one conversation) form a group. Its
+    context, less its last token, is warmed up if it fills a KV block and if the group has two
+    spans or more, or one with `warm_single` (the server's choice: a client may send the same
+    context again with its next continuation). Returns the `ScoredRows` of every span, in order.
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, span in enumerate(spans):
+        groups.setdefault(tuple(span.prompt_token_ids[: span.start]), []).append(i)
+    cached = [False] * len(spans)
+    prefixes: dict[tuple[int, ...], None] = {}
+    for members in groups.values():
+        if len(members) == 1 and not warm_single:
+            continue
+        prefix = shared_prefix([spans[i] for i in members], block_size)
+        if prefix is not None:
+            prefixes[tuple(prefix)] = None
+            for i in members:
+                cached[i] = True
+    if not spans:
+        return []
+    if prefixes:
+        yield [
+            EngineRequest(list(prefix), warm_up_params(), f"{request_id}-prefix-{i}")
+            for i, prefix in enumerate(prefixes)
+        ]
+    outputs = yield [
+        EngineRequest(span.prompt_token_ids, scoring_params(top_logprobs, hit), f"{request_id}-{i}")
+        for i, (span, hit) in enumerate(zip(spans, cached, strict=True))
+    ]
+    rows: list[ScoredRows | None] = []
+    for span, hit, out in zip(spans, cached, outputs, strict=True):
+        if hit:
+            rows.append(span_logprobs(out.prompt_logprobs, out.num_cached_tokens, span, top_logprobs))
+        else:
+            rows.append(_require(out, span, top_logprobs))
+    again = [i for i, r in enumerate(rows) if r is None]
+    if again:
+        outputs = yield [
+            EngineRequest(
+                spans[i].prompt_token_ids,
+                scoring_params(top_logprobs, False),
+                f"{request_id}-{i}-full",
+            )
+            for i in again
+        ]
+        for i, out in zip(again, outputs, strict=True):
+            rows[i] = _require(out, spans[i], top_logprobs)
+    return rows  # type: ignore[return-value]  # no None is left
+
+
+def _require(out: Any, span: Span, top_logprobs: int) -> ScoredRows:
+    return require_span_logprobs(
+        out.prompt_logprobs, out.num_cached_tokens, span, out.request_id, top_logprobs
+    )
+
+
+def run_sync(protocol: Protocol, run: Any) -> list[ScoredRows]:
+    """Drive `protocol`, running each batch with `run(batch) -> outputs` (the offline API)."""
+    try:
+        batch = next(protocol)
+        while True:
+            batch = protocol.send(run(batch))
+    except StopIteration as stop:
+        return stop.value
+
+
+async def run_async(protocol: Protocol, run: Any) -> list[ScoredRows]:
+    """Drive `protocol`, awaiting `run(batch) -> outputs` for each batch (the server)."""
+    try:
+        batch = next(protocol)
+        while True:
+            batch = protocol.send(await run(batch))
+    except StopIteration as stop:
+        return stop.value
