@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -409,6 +410,7 @@ def lm_eval_row(model: str, dtype: str, size: Size) -> dict:
              f"tokenizer_backend=huggingface,tokenizer={model},tokenized_requests=True"),
         ):  # fmt: skip
             lm = "vllm-loglik" if name == "ours" else "local-completions"
+            shutil.rmtree(folder / name, ignore_errors=True)  # results of an earlier run
             cmd = [cli, "eval", "--model", lm, "--model_args", model_args, "--tasks", "bench_mc",
                    "--include_path", str(folder), "--output_path", str(folder / name)]  # fmt: skip
             start = time.perf_counter()
@@ -478,6 +480,11 @@ def memory_row(server: ApiServer, model: str, size: Size) -> dict:
     return out
 
 
+def ratio(a: float, b: float) -> float:
+    """a / b; NaN when b is 0 (a CPU time under one 10 ms tick, in a smoke run)."""
+    return a / b if b else float("nan")
+
+
 def table(r: dict, size: Size) -> str:
     mc, mem = r["multiple_choice"], r["memory"]
     long, short = mem["long"], mem["short"]
@@ -498,10 +505,10 @@ def table(r: dict, size: Size) -> str:
              f"transformers {off['transformers']:.2f} s, ours {off['ours']:.2f} s (vLLM: native "
              f"prompt logprobs {off['native']:.2f} s, plain prefill {off['prefill']:.2f} s)"),
             ("6. front-end CPU per position, k = 0: plugin vs native", setting,
-             us["ours"] / us["native"], "≤ 0.3×",
+             ratio(us["ours"], us["native"]), "≤ 0.3×",
              f"{us['ours']:.1f} µs vs {us['native']:.1f} µs (plain prefill {us['plain']:.1f} µs)"),
             ("6. front-end CPU per position, k = 5: plugin vs native", setting,
-             us["ours_top5"] / us["native_top5"], "≤ 0.3×",
+             ratio(us["ours_top5"], us["native_top5"]), "≤ 0.3×",
              f"{us['ours_top5']:.1f} µs vs {us['native_top5']:.1f} µs"),
         ]  # fmt: skip
     for block_size, t in mc["ours"].items():
