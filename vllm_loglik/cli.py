@@ -1,5 +1,9 @@
 """The `vllm-loglik` command.
 
+`vllm-loglik score MODEL --input requests.jsonl --output scores.jsonl [vLLM engine flags]`
+scores a file of request bodies (`vllm_loglik.batch`), in this process or (`--server URL`)
+through a running server with the plugin.
+
 `vllm-loglik eval [lm_eval arguments]` registers this package's lm-evaluation-harness models
 (`vllm-loglik`, `vllm-loglik-chat`) and runs lm-eval's own command line with the arguments
 unchanged, every flag included: lm-eval 0.4 finds no model outside its own package.
@@ -7,11 +11,19 @@ unchanged, every flag included: lm-eval 0.4 finds no model outside its own packa
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+from pathlib import Path
+from typing import Any
 
 USAGE = """usage: vllm-loglik COMMAND [ARGS]
 
 commands:
+  score   score a JSON Lines file of request bodies (the server's, without `model`):
+          vllm-loglik score MODEL --input requests.jsonl --output scores.jsonl [vLLM flags]
+          vllm-loglik score --server http://127.0.0.1:8000 --input ... --output ...
+          (vllm-loglik score --help for every flag)
   eval    run lm-evaluation-harness with the vllm-loglik and vllm-loglik-chat models;
           takes lm_eval's arguments, e.g.
           vllm-loglik eval --model vllm-loglik \\
@@ -33,6 +45,81 @@ def run_eval(args: list[str]) -> None:
     cli_evaluate()
 
 
+def score_parser() -> Any:
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser(
+        prog="vllm-loglik score",
+        description="Score a JSON Lines file of request bodies, with progress and resume. "
+        "Every vLLM engine flag (as `vllm serve` takes them) is accepted.",
+    )
+    parser.add_argument("model_tag", nargs="?", help="the model (with --server: its name)")
+    group = parser.add_argument_group("vllm-loglik")
+    group.add_argument("--input", required=True, type=Path, help="JSON Lines of request bodies")
+    group.add_argument("--output", required=True, type=Path,
+                       help="JSON Lines of results; an existing file is resumed")  # fmt: skip
+    group.add_argument("--details", action="store_true",
+                       help="add each entry's per-token `content`")  # fmt: skip
+    group.add_argument("--server", metavar="URL",
+                       help="score through a running server with the plugin (its base URL)")  # fmt: skip
+    group.add_argument("--concurrency", type=int, default=16,
+                       help="requests in flight with --server (default 16)")  # fmt: skip
+    group.add_argument("--server-api-key", default=os.environ.get("OPENAI_API_KEY"),
+                       help="the server's API key (default: $OPENAI_API_KEY)")  # fmt: skip
+    group.add_argument("--budget-tokens", type=int, default=None,
+                       help="prompt tokens in flight in the engine (default 65536)")  # fmt: skip
+    EngineArgs.add_cli_args(parser)
+    return parser
+
+
+def run_score(args: list[str]) -> None:
+    from . import batch
+
+    parsed = score_parser().parse_args(args)
+    if parsed.model_tag:
+        parsed.model = parsed.model_tag
+    if not parsed.input.is_file():
+        sys.exit(f"vllm-loglik score: no input file {parsed.input}")
+    interrupted = False
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # a `kill` stops as Ctrl-C does: nothing written is lost
+    llm = None
+    try:
+        if parsed.server:
+            def run(lines, writer, progress):  # noqa: ANN001, ANN202
+                batch.run_server(
+                    parsed.server, parsed.model_tag, lines, writer, progress, parsed.details,
+                    parsed.concurrency, parsed.server_api_key,
+                )  # fmt: skip
+        else:
+            from vllm import LLM
+            from vllm.engine.arg_utils import EngineArgs
+
+            llm = LLM.from_engine_args(EngineArgs.from_cli_args(parsed))
+            budget = parsed.budget_tokens or batch.DEFAULT_BUDGET_TOKENS
+
+            def run(lines, writer, progress):  # noqa: ANN001, ANN202
+                batch.run_engine(llm, lines, writer, progress, parsed.details, budget)
+
+        failed = batch.score_file(parsed.input, parsed.output, run)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+    if interrupted:
+        print(f"interrupted: {parsed.output} holds every line finished so far; run the same "
+              "command again to resume", file=sys.stderr)  # fmt: skip
+        sys.exit(130)
+    if failed:
+        print(f"{failed} lines failed: see their `error` in {parsed.output}", file=sys.stderr)
+        sys.exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else list(argv)
     if not args or args[0] in ("-h", "--help"):
@@ -41,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = args[0], args[1:]
     if command == "eval":
         run_eval(rest)
+    elif command == "score":
+        run_score(rest)
     else:
         print(USAGE, end="", file=sys.stderr)
         sys.exit(f"vllm-loglik: unknown command {command!r}")

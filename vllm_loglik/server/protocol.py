@@ -21,6 +21,7 @@ from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionReque
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
 from ..protocol import LOGLIKELIHOOD_DESCRIPTION, LoglikelihoodOptions, parse_loglikelihood
+from ..requests import RequestError  # noqa: F401  (re-exported: bad input, a 400)
 
 logger = logging.getLogger("vllm_loglik.server")
 
@@ -56,14 +57,6 @@ class LoglikelihoodCompletionRequest(CompletionRequest, _WithLoglikelihood):
 
 class LoglikelihoodChatCompletionRequest(ChatCompletionRequest, _WithLoglikelihood):
     """vLLM's chat completions request plus the `loglikelihood` field."""
-
-
-class RequestError(ValueError):
-    """Bad input: becomes HTTP 400 with `param` naming the field."""
-
-    def __init__(self, param: str, message: str):
-        super().__init__(message)
-        self.param = param
 
 
 def error_response(message: str, param: str | None, status: HTTPStatus) -> JSONResponse:

@@ -11,7 +11,7 @@ from fastapi import Request
 
 from ..protocol import LoglikelihoodOptions
 from .engine import ServerScoring
-from .protocol import RequestError
+from ..requests import RequestError, check_continuations
 
 
 def checked(request: Any, raw_request: Request) -> tuple[ServerScoring, LoglikelihoodOptions]:
@@ -36,22 +36,7 @@ def check_common(request: Any, options: LoglikelihoodOptions, scoring: ServerSco
             "loglikelihood cannot be combined with stream: true; send the request without "
             "streaming",
         )
-    continuations = options.continuations
-    if continuations is not None:
-        if not continuations:
-            raise RequestError("loglikelihood.continuations", "loglikelihood.continuations must not be empty")
-        if len(continuations) > scoring.max_continuations:
-            raise RequestError(
-                "loglikelihood.continuations",
-                f"loglikelihood.continuations has {len(continuations)} items; at most "
-                f"{scoring.max_continuations} are allowed (VLLM_LOGLIK_MAX_CONTINUATIONS)",
-            )
-        for i, text in enumerate(continuations):
-            if text == "":
-                raise RequestError(
-                    f"loglikelihood.continuations[{i}]",
-                    f"loglikelihood.continuations[{i}] must not be an empty string",
-                )
+    check_continuations(options, scoring.max_continuations)
 
 
 def top_logprobs_of(options: LoglikelihoodOptions, fallback: int | None, name: str) -> int:

@@ -1,0 +1,213 @@
+"""`vllm-loglik score`: the batch CLI, run as a user runs it, in a process of its own.
+
+A file of mixed request bodies (every mode, both endpoints' shapes, ids, and bad lines) is
+scored by the CLI with an engine in its process, and through the test server (`--server`):
+both outputs hold one line per input line, in order, the same numbers as the offline API, and
+the bad lines' errors. A run interrupted with SIGINT keeps every line it wrote, and a second
+run on the same output resumes after them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import vllm_loglik
+from vllm_loglik.testing import default_corpus
+
+from .conftest import API_KEY, MAX_MODEL_LEN
+
+CLI = str(Path(sys.executable).parent / "vllm-loglik")
+ENGINE_FLAGS = [
+    "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager",
+    "--block-size", "32", "--seed", "0",
+]  # fmt: skip
+CONTEXT = "Question: which of these is a colour? Answer:"
+CHOICES = [" red", " bread", " the river", " 🙂"]
+CHAT = [{"role": "user", "content": "Name a colour."}]
+LONG = default_corpus()[:1500]
+
+GOOD = [
+    {"id": "mc", "prompt": CONTEXT, "loglikelihood": {"continuations": CHOICES}},
+    {"id": 7, "prompt": "The quick brown fox jumps over the lazy dog.", "loglikelihood": True},
+    {"prompt": "No field: the prompt is scored."},
+    {"id": "doc", "prompt": LONG, "loglikelihood": {"scope": "rolling"}},
+    {"id": "chat-last", "messages": CHAT + [{"role": "assistant", "content": "Blue."}],
+     "loglikelihood": {"scope": "last_message"}},
+    {"id": "chat-candidates", "messages": CHAT, "loglikelihood": {"continuations": ["Red.", "A dog."]}},
+    {"id": "ids", "prompt": [1, 200, 300, 400], "loglikelihood": {"continuations": [" x"]}},
+]  # fmt: skip
+BAD = [
+    ("{not json", "not JSON"),
+    ("", "not JSON"),
+    (json.dumps({"id": "long", "prompt": "word " * 300, "loglikelihood": True}), "tokens long"),
+    (json.dumps({"id": "opt", "prompt": "x", "loglikelihood": {"bogus": 1}}), "bogus"),
+    (json.dumps({"id": "none", "loglikelihood": True}), "needs `prompt`"),
+]
+
+
+def write_input(path: Path) -> list[tuple[dict | None, str | None]]:
+    """The mixed input, a bad line after every good one; (body, expected error) per line."""
+    lines, expected = [], []
+    for i, body in enumerate(GOOD):
+        lines.append(json.dumps(body, ensure_ascii=False))
+        expected.append((body, None))
+        if i < len(BAD):
+            lines.append(BAD[i][0])
+            expected.append((None, BAD[i][1]))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return expected
+
+
+def offline_scores(llm, body: dict) -> list[vllm_loglik.Score]:
+    """The offline API's scores for a good body."""
+    options = body.get("loglikelihood", True)
+    options = options if isinstance(options, dict) else {}
+    if "messages" in body:
+        if "continuations" in options:
+            return vllm_loglik.chat_loglikelihood(
+                llm, [body["messages"]], candidates=[options["continuations"]]
+            )[0]
+        return vllm_loglik.chat_loglikelihood(llm, [body["messages"]])
+    prompt = body["prompt"]
+    if options.get("scope") == "rolling":
+        return vllm_loglik.loglikelihood_rolling(llm, [prompt])
+    if "continuations" in options:
+        if isinstance(prompt, list):
+            return [None] * len(options["continuations"])  # checked by the server's tests
+        return vllm_loglik.loglikelihood(llm, [(prompt, c) for c in options["continuations"]])
+    return vllm_loglik.prompt_loglikelihood(llm, [prompt])
+
+
+def score(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OPENAI_API_KEY=API_KEY)
+    return subprocess.run([CLI, "score", *args], env=env, capture_output=True, text=True,
+                          timeout=600, **kwargs)  # fmt: skip
+
+
+def read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def check_output(records: list[dict], expected, llm) -> None:
+    assert [r["line"] for r in records] == list(range(1, len(expected) + 1))
+    for record, (body, error) in zip(records, expected, strict=True):
+        if error is not None:
+            assert error in record["error"]["message"], record
+            assert "loglikelihood" not in record
+            continue
+        assert record["id"] == body.get("id")
+        entries = record["loglikelihood"]
+        for entry, want in zip(entries, offline_scores(llm, body), strict=True):
+            assert "content" not in entry  # compact by default
+            if want is None:
+                continue
+            assert entry["num_tokens"] == want.num_tokens
+            assert entry["is_greedy"] == want.is_greedy
+            assert abs(entry["logprob"] - want.logprob) <= 1e-4 * want.num_tokens
+            assert entry["perplexity"] == pytest.approx(want.perplexity, rel=1e-4)
+            num_bytes = len(entry["text"].encode("utf-8"))
+            assert entry["num_bytes"] == num_bytes
+            assert entry["bits_per_byte"] == pytest.approx(
+                -want.logprob / math.log(2) / num_bytes, rel=1e-4
+            )
+
+
+@pytest.fixture(scope="module")
+def in_process(model_path, tmp_path_factory):
+    """The mixed file, scored with an engine in the CLI's process."""
+    folder = tmp_path_factory.mktemp("batch")
+    expected = write_input(folder / "in.jsonl")
+    run = score([model_path, "--input", str(folder / "in.jsonl"), "--output",
+                 str(folder / "out.jsonl"), *ENGINE_FLAGS])  # fmt: skip
+    return folder, expected, run
+
+
+def test_every_line_gets_a_record_in_order_with_the_offline_numbers(in_process, llm):
+    folder, expected, run = in_process
+    assert run.returncode == 1, run.stderr[-3000:]  # some lines failed, and the run went on
+    assert f"{len(BAD)} lines failed" in run.stderr
+    check_output(read(folder / "out.jsonl"), expected, llm)
+
+
+def test_server_mode_gives_the_same_output(in_process, server, tmp_path):
+    folder, expected, _ = in_process
+    run = score(["--server", server.url, "--input", str(folder / "in.jsonl"),
+                 "--output", str(tmp_path / "out.jsonl")])  # fmt: skip
+    assert run.returncode == 1, run.stderr[-3000:]
+    ours, theirs = read(folder / "out.jsonl"), read(tmp_path / "out.jsonl")
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.keys() == b.keys() and a["line"] == b["line"] and a["id"] == b["id"]
+        if "error" in a:
+            continue  # the same line failed; the server's message names the field its way
+        for x, y in zip(a["loglikelihood"], b["loglikelihood"], strict=True):
+            assert x.keys() == y.keys()
+            assert (x["text"], x["num_tokens"], x["is_greedy"]) == (y["text"], y["num_tokens"], y["is_greedy"])
+            assert abs(x["logprob"] - y["logprob"]) <= 1e-4 * x["num_tokens"]
+
+
+def test_details_add_the_per_token_content(server, llm, tmp_path):
+    (tmp_path / "in.jsonl").write_text(json.dumps(GOOD[0]) + "\n")
+    run = score(["--server", server.url, "--details", "--input", str(tmp_path / "in.jsonl"),
+                 "--output", str(tmp_path / "out.jsonl")])  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    [record] = read(tmp_path / "out.jsonl")
+    for entry, want in zip(record["loglikelihood"], offline_scores(llm, GOOD[0]), strict=True):
+        assert [t["token_id"] for t in entry["content"]] == want.token_ids
+
+
+def test_resume_after_a_partial_last_line(in_process, server, tmp_path):
+    folder, expected, _ = in_process
+    full = (folder / "out.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    out = tmp_path / "out.jsonl"
+    out.write_text("".join(full[:5]) + full[5][:20], encoding="utf-8")  # a crash mid-line
+    run = score(["--server", server.url, "--input", str(folder / "in.jsonl"), "--output", str(out)])
+    assert run.returncode == 1
+    records = read(out)
+    assert out.read_text(encoding="utf-8").startswith("".join(full[:5]))  # kept as it was
+    assert [r["line"] for r in records] == list(range(1, len(expected) + 1))
+
+
+def test_sigint_keeps_every_written_line_and_a_rerun_resumes(model_path, server, llm, tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    texts = [f"Line {i}: the quick brown fox jumps over the lazy dog {i} times." for i in range(3000)]
+    inp.write_text("".join(json.dumps({"id": i, "prompt": t}) + "\n" for i, t in enumerate(texts)))
+    env = dict(os.environ)
+    proc = subprocess.Popen(
+        [CLI, "score", model_path, "--input", str(inp), "--output", str(out), *ENGINE_FLAGS,
+         "--budget-tokens", "64"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if out.exists() and out.read_text().count("\n") >= 20:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "run the same command again to resume" in stderr
+    text = out.read_text()
+    assert text.endswith("\n")  # whole lines only
+    kept = read(out)
+    assert 20 <= len(kept) < len(texts)
+    assert [r["line"] for r in kept] == list(range(1, len(kept) + 1))
+
+    run = score(["--server", server.url, "--input", str(inp), "--output", str(out)])
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert out.read_text().startswith(text)
+    records = read(out)
+    assert [r["id"] for r in records] == list(range(len(texts)))
+    for i in (0, len(kept) - 1, len(kept), len(texts) - 1):  # either side of the interruption
+        [want] = vllm_loglik.prompt_loglikelihood(llm, [texts[i]])
+        assert abs(records[i]["loglikelihood"][0]["logprob"] - want.logprob) <= 1e-4 * want.num_tokens

@@ -1,0 +1,490 @@
+"""`vllm-loglik score`: score a JSON Lines file of requests, with progress, streaming output and
+resume.
+
+Each input line is the JSON body that you would POST to the server, without `model`: a
+`prompt` (completions) or `messages` (chat), and the `loglikelihood` field (`true` when absent).
+An `id`, if present, is carried through. Each output line answers the input line of the same
+number, in order::
+
+    {"id": ..., "line": N, "loglikelihood": [entries]}
+    {"id": ..., "line": N, "error": {"message": ..., "param": ...}}
+
+Entries are compact by default: `index`, `text`, `logprob`, `num_tokens`, `is_greedy`,
+`perplexity`, `num_bytes` (UTF-8 bytes of the scored text) and `bits_per_byte`, what corpus
+filters use. `details` adds each entry's per-token `content`, as the server returns it.
+
+The engine is fed continuously: lines are read ahead until the tokens in flight reach a budget,
+each line's spans go through the protocol of `vllm_loglik.engine_requests` (a shared context
+is computed once), and the engine's `step()` loop advances all of them at once. Output is
+written in input order and flushed as soon as the next line is done, so an interrupted run
+loses nothing written, and a run on the same output file resumes after its last line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from .engine_requests import EngineRequest, Protocol, score_spans
+from .jobs import Job, Scorer
+from .protocol import DEFAULT_MAX_CONTINUATIONS, parse_loglikelihood
+from .requests import (
+    RequestError,
+    chat_jobs,
+    check_continuations,
+    completion_jobs,
+    completion_prompts,
+)
+from .scoring import Score
+
+#: Tokens in flight in the engine before more lines are read: enough to keep it busy.
+DEFAULT_BUDGET_TOKENS = 65536
+
+
+@dataclass
+class Work:
+    """One input line: its jobs, or the error that replaces them."""
+
+    line: int
+    id: Any = None
+    jobs: list[Job] = field(default_factory=list)
+    top_logprobs: int = 0
+    error: dict[str, Any] | None = None
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(s.prompt_token_ids) for job in self.jobs for s in job.spans)
+
+
+def parse_line(
+    scorer: Scorer,
+    text: str,
+    line: int,
+    details: bool,
+    max_continuations: int = DEFAULT_MAX_CONTINUATIONS,
+) -> Work:
+    """The jobs of one input line, or a `Work` holding the line's error."""
+    work = Work(line)
+    try:
+        try:
+            body = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RequestError("", f"the line is not JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise RequestError("", "the line must be a JSON object (a request body)")
+        work.id = body.get("id")
+        work.jobs, work.top_logprobs = body_jobs(scorer, body, details, max_continuations)
+    except RequestError as e:
+        work.error = {"message": str(e)}
+        if e.param:
+            work.error["param"] = e.param
+    return work
+
+
+def body_jobs(
+    scorer: Scorer, body: dict[str, Any], details: bool, max_continuations: int
+) -> tuple[list[Job], int]:
+    """The jobs of a request body, and the alternatives per token to compute."""
+    try:
+        options = parse_loglikelihood(body.get("loglikelihood", True))
+    except ValueError as e:
+        raise RequestError("loglikelihood", str(e)) from None
+    if options is False:
+        raise RequestError("loglikelihood", "loglikelihood is false: the line asks for no score")
+    if options is True or options is None:
+        options = parse_loglikelihood({})
+    check_continuations(options, max_continuations)
+    k = (options.top_logprobs or 0) if details else 0
+    if "messages" in body:
+        jobs = chat_jobs(
+            scorer,
+            body["messages"],
+            options,
+            chat_template_kwargs=body.get("chat_template_kwargs"),
+            add_generation_prompt=body.get("add_generation_prompt", True),
+            continue_final_message=body.get("continue_final_message", False),
+        )
+        return jobs, k
+    if "prompt" not in body:
+        raise RequestError("prompt", "a line needs `prompt` (completions) or `messages` (chat)")
+    prompts = completion_prompts(body["prompt"])
+    if len(prompts) != 1:
+        raise RequestError("prompt", "one prompt per line: put each prompt of a batch on a line")
+    return completion_jobs(scorer, prompts[0], 0, 1, options), k
+
+
+def compact(entry: dict[str, Any]) -> dict[str, Any]:
+    """A server or offline entry with the corpus-filter figures added: perplexity, the UTF-8
+    bytes of the scored text, and bits per byte."""
+    logprob, tokens = entry["logprob"], entry["num_tokens"]
+    num_bytes = len(entry["text"].encode("utf-8", errors="surrogatepass"))
+    entry["perplexity"] = math.exp(-logprob / tokens) if tokens else None
+    entry["num_bytes"] = num_bytes
+    entry["bits_per_byte"] = -logprob / math.log(2) / num_bytes if num_bytes else None
+    return entry
+
+
+def score_record(work: Work, scores: list[Score], details: bool) -> dict[str, Any]:
+    from .protocol import entry_from_score
+
+    return {
+        "id": work.id,
+        "line": work.line,
+        "loglikelihood": [compact(entry_from_score(i, s, details)) for i, s in enumerate(scores)],
+    }
+
+
+def error_record(work: Work) -> dict[str, Any]:
+    return {"id": work.id, "line": work.line, "error": work.error}
+
+
+# ---------------------------------------------------------------- output: order, resume
+
+
+def resume_point(path: Path) -> int:
+    """The number of complete lines in an earlier output file (0 if there is none), after
+    cutting a partial last line: the run resumes after them."""
+    if not path.exists():
+        return 0
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    return data.count(b"\n", 0, end)
+
+
+class OrderedWriter:
+    """Writes records in line order, each as soon as every earlier line is written, flushed."""
+
+    def __init__(self, out: IO[str], first_line: int):
+        self.out = out
+        self.next = first_line
+        self.waiting: dict[int, dict[str, Any]] = {}
+        self.failed = 0
+
+    def add(self, record: dict[str, Any]) -> int:
+        """Queue `record`; returns how many lines were written."""
+        self.waiting[record["line"]] = record
+        written = 0
+        while self.next in self.waiting:
+            rec = self.waiting.pop(self.next)
+            self.failed += "error" in rec
+            self.out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            self.next += 1
+            written += 1
+        if written:
+            self.out.flush()
+        return written
+
+
+def input_lines(path: Path, skip: int) -> Iterator[tuple[int, str]]:
+    """(line number from 1, text) of each input line after the first `skip`; a blank line is
+    a line too (it becomes an error record), so numbers always match the file's."""
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        for n, text in enumerate(f, start=1):
+            if n > skip:
+                yield n, text
+
+
+def count_lines(path: Path) -> int:
+    with open(path, "rb") as f:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b"")) + (
+            1 if path.stat().st_size and not _ends_with_newline(path) else 0
+        )
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+# ---------------------------------------------------------------- the engine, in this process
+
+
+class EngineStream:
+    """Runs many `engine_requests` protocols at once on an `LLM`'s engine, with its `step()`
+    loop: each protocol's batch of requests is added as soon as the previous one is done."""
+
+    def __init__(self, llm: Any):
+        from vllm.inputs import TokensPrompt
+
+        self.TokensPrompt = TokensPrompt
+        self.engine = llm.llm_engine
+        cache = self.engine.vllm_config.cache_config
+        self.block_size = cache.block_size if cache.enable_prefix_caching else None
+        self.active: dict[int, _Running] = {}
+        self.owner: dict[str, tuple[int, int]] = {}  # request id -> (key, slot)
+        self.tokens_in_flight = 0
+
+    def submit(self, key: int, protocol: Protocol, tokens: int) -> list[Any] | None:
+        """Start `protocol`; returns its rows at once if it needs no engine request."""
+        running = _Running(protocol, tokens)
+        try:
+            batch = next(protocol)
+        except StopIteration as stop:
+            return stop.value
+        self._add(key, running, batch)
+        self.active[key] = running
+        self.tokens_in_flight += tokens
+        return None
+
+    def _add(self, key: int, running: _Running, batch: list[EngineRequest]) -> None:
+        running.outputs = [None] * len(batch)
+        running.left = len(batch)
+        added = []
+        try:
+            for slot, request in enumerate(batch):
+                prompt = self.TokensPrompt(prompt_token_ids=request.prompt_token_ids)
+                # Outputs carry the id given here (the engine adds a suffix to its own).
+                self.engine.add_request(request.request_id, prompt, request.params)
+                self.owner[request.request_id] = (key, slot)
+                added.append(request.request_id)
+        except Exception:  # the engine refused a request (e.g. a token id out of range)
+            if added:
+                self.engine.abort_request(added)
+            for rid in added:
+                del self.owner[rid]
+            raise
+
+    def step(self) -> list[tuple[int, list[Any]]]:
+        """One engine step; returns `(key, rows)` of each protocol that finished."""
+        done = []
+        for out in self.engine.step():
+            if not out.finished:
+                continue
+            key, slot = self.owner.pop(out.request_id)
+            running = self.active[key]
+            running.outputs[slot] = out
+            running.left -= 1
+            if running.left:
+                continue
+            try:
+                batch = running.protocol.send(running.outputs)
+                self._add(key, running, batch)
+            except StopIteration as stop:
+                self._end(key, running)
+                done.append((key, stop.value))
+            except Exception as e:  # an output that cannot be read: this line's error
+                self._end(key, running)
+                done.append((key, e))
+        return done
+
+    def _end(self, key: int, running: _Running) -> None:
+        del self.active[key]
+        self.tokens_in_flight -= running.tokens
+
+    def abort(self) -> None:
+        if self.owner:
+            self.engine.abort_request(list(self.owner))
+        self.owner.clear()
+        self.active.clear()
+
+
+@dataclass
+class _Running:
+    protocol: Protocol
+    tokens: int
+    outputs: list[Any] = field(default_factory=list)
+    left: int = 0
+
+
+# ---------------------------------------------------------------- the two runners
+
+
+@dataclass
+class Progress:
+    """Lines done, scored tokens per second and the time left, on a tqdm bar."""
+
+    total: int
+    done: int = 0
+    tokens: int = 0
+    start: float = field(default_factory=time.monotonic)
+    bar: Any = None
+
+    def __post_init__(self) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=self.total, initial=self.done, unit="line", dynamic_ncols=True)
+
+    def update(self, lines: int, tokens: int) -> None:
+        self.tokens += tokens
+        rate = self.tokens / max(time.monotonic() - self.start, 1e-9)
+        self.bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
+        self.bar.update(lines)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def scored_tokens(record: dict[str, Any]) -> int:
+    return sum(e["num_tokens"] for e in record.get("loglikelihood", []))
+
+
+def run_engine(
+    llm: Any,
+    lines: Iterator[tuple[int, str]],
+    writer: OrderedWriter,
+    progress: Progress,
+    details: bool,
+    budget_tokens: int = DEFAULT_BUDGET_TOKENS,
+) -> None:
+    """Score `lines` on `llm`'s engine, keeping about `budget_tokens` in flight."""
+    from .offline import scorer_for
+
+    scorer = scorer_for(llm)
+    stream = EngineStream(llm)
+    works: dict[int, Work] = {}
+    max_continuations = int(
+        os.environ.get("VLLM_LOGLIK_MAX_CONTINUATIONS", DEFAULT_MAX_CONTINUATIONS)
+    )
+
+    def emit(record: dict[str, Any]) -> None:
+        progress.update(writer.add(record), scored_tokens(record))
+
+    try:
+        more = True
+        while more or stream.active:
+            while more and (stream.tokens_in_flight < budget_tokens or not stream.active):
+                try:
+                    n, text = next(lines)
+                except StopIteration:
+                    more = False
+                    break
+                work = parse_line(scorer, text, n, details, max_continuations)
+                if work.error is not None:
+                    emit(error_record(work))
+                    continue
+                spans = [span for job in work.jobs for span in job.spans]
+                protocol = score_spans(spans, work.top_logprobs, stream.block_size, f"line{n}")
+                works[n] = work
+                try:
+                    rows = stream.submit(n, protocol, work.tokens)
+                except ValueError as e:  # refused by the engine's own input checks
+                    rows = e
+                if rows is not None:
+                    emit(finish(scorer, works.pop(n), rows, details))
+            for n, rows in stream.step() if stream.active else []:
+                emit(finish(scorer, works.pop(n), rows, details))
+    finally:
+        stream.abort()
+
+
+def finish(
+    scorer: Scorer, work: Work, rows: list[Any] | Exception, details: bool
+) -> dict[str, Any]:
+    """The record of a line from its protocol's rows, or from the exception it ended with."""
+    if isinstance(rows, Exception):
+        work.error = {"message": f"{type(rows).__name__}: {rows}"}
+        return error_record(work)
+    scored = iter(rows)
+    scores = [
+        scorer.finish(job, [next(scored) for _ in job.spans], work.top_logprobs, details)
+        for job in work.jobs
+    ]
+    return score_record(work, scores, details)
+
+
+def run_server(
+    url: str,
+    model: str | None,
+    lines: Iterator[tuple[int, str]],
+    writer: OrderedWriter,
+    progress: Progress,
+    details: bool,
+    concurrency: int,
+    api_key: str | None,
+) -> None:
+    """Score `lines` through a server with the plugin: each line is POSTed as it is, with
+    `model`, `max_tokens: 0` and the compact response unless `details`."""
+    import asyncio
+
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    async def main() -> None:
+        async with httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=None) as client:
+            name = model or (await client.get("/v1/models")).json()["data"][0]["id"]
+            queue: asyncio.Queue = asyncio.Queue(maxsize=concurrency * 2)
+
+            async def produce() -> None:
+                for item in lines:
+                    await queue.put(item)
+                for _ in range(concurrency):
+                    await queue.put(None)
+
+            async def consume() -> None:
+                while (item := await queue.get()) is not None:
+                    n, text = item
+                    record = await score_remote(client, name, n, text, details)
+                    progress.update(writer.add(record), scored_tokens(record))
+
+            await asyncio.gather(produce(), *(consume() for _ in range(concurrency)))
+
+    asyncio.run(main())
+
+
+async def score_remote(client: Any, model: str, n: int, text: str, details: bool) -> dict[str, Any]:
+    work = Work(n)
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as e:
+        work.error = {"message": f"the line is not JSON: {e}"}
+        return error_record(work)
+    if not isinstance(body, dict):
+        work.error = {"message": "the line must be a JSON object (a request body)"}
+        return error_record(work)
+    work.id = body.pop("id", None)
+    field_value = body.get("loglikelihood", True)
+    options = dict(field_value) if isinstance(field_value, dict) else {}
+    if field_value is not True and not isinstance(field_value, dict) and field_value is not None:
+        options = field_value  # let the server name the problem
+    elif not details:
+        options["content"] = False
+        options.pop("top_logprobs", None)
+    body.update(model=model, max_tokens=0, loglikelihood=options)
+    body.pop("max_completion_tokens", None)
+    body.pop("stream", None)
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    response = await client.post(path, json=body)
+    data = response.json()
+    if response.status_code != 200:
+        error = data.get("error", {}) if isinstance(data, dict) else {}
+        work.error = {"message": error.get("message", response.text[:500])}
+        if error.get("param"):
+            work.error["param"] = error["param"]
+        return error_record(work)
+    entries = data["choices"][0]["loglikelihood"]
+    return {"id": work.id, "line": n, "loglikelihood": [compact(e) for e in entries]}
+
+
+Runner = Callable[[Iterator[tuple[int, str]], OrderedWriter, Progress], None]
+
+
+def score_file(input_path: Path, output_path: Path, run: Runner) -> int:
+    """Score `input_path` into `output_path` with `run`, resuming after the lines an earlier
+    run wrote; returns the number of lines that failed (in this run)."""
+    done = resume_point(output_path)
+    total = count_lines(input_path)
+    if done > total:
+        raise SystemExit(
+            f"{output_path} has {done} lines, more than the {total} of {input_path}: "
+            "it is not this input's output"
+        )
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(output_path, "a", encoding="utf-8") as out:
+        writer = OrderedWriter(out, done + 1)
+        progress = Progress(total=total, done=done)
+        try:
+            run(input_lines(input_path, done), writer, progress)
+        finally:
+            progress.close()
+    return writer.failed

@@ -1,0 +1,185 @@
+"""From the body of a scoring request to jobs: what the server and the batch CLI share.
+
+A request body is what a client POSTs to `/v1/completions` (`prompt`) or `/v1/chat/completions`
+(`messages`) with the `loglikelihood` field. The server reads it from vLLM's request models, and
+`vllm-loglik score` from a JSON line; both build their jobs here, so a line can be moved between
+the two unchanged and give the same numbers. Bad input is a `RequestError` that names the field
+(`param`): the server answers it with HTTP 400, the CLI writes it as the line's error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .jobs import Job, Scorer
+from .protocol import LoglikelihoodOptions
+from .spans import check_text
+
+
+class RequestError(ValueError):
+    """Bad input: `param` names the field (HTTP 400 on the server)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def check_continuations(options: LoglikelihoodOptions, max_continuations: int) -> None:
+    continuations = options.continuations
+    if continuations is None:
+        return
+    field = "loglikelihood.continuations"
+    if not continuations:
+        raise RequestError(field, f"{field} must not be empty")
+    if len(continuations) > max_continuations:
+        raise RequestError(
+            field,
+            f"{field} has {len(continuations)} items; at most {max_continuations} are allowed "
+            "(VLLM_LOGLIK_MAX_CONTINUATIONS)",
+        )
+    for i, text in enumerate(continuations):
+        if text == "":
+            raise RequestError(f"{field}[{i}]", f"{field}[{i}] must not be an empty string")
+
+
+def completion_prompts(prompt: Any) -> list[str | list[int]]:
+    """The prompts of a completions request, as a list (vLLM's four accepted shapes)."""
+    if prompt is None or prompt == []:
+        raise RequestError("prompt", "prompt is required with loglikelihood")
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        return [list(prompt)]
+    if not isinstance(prompt, list):
+        raise RequestError("prompt", "prompt must be a string, a list of token ids, or a list of either")
+    return [p if isinstance(p, str) else list(p) for p in prompt]
+
+
+def completion_jobs(
+    scorer: Scorer, prompt: str | list[int], p: int, count: int, options: LoglikelihoodOptions
+) -> list[Job]:
+    """The jobs of prompt `p` of `count` of a completions request."""
+    if options.scope == "last_message":
+        raise RequestError(
+            "loglikelihood.scope",
+            "loglikelihood.scope 'last_message' is only for /v1/chat/completions; "
+            "completions score the prompt, continuations of it, or a rolling text",
+        )
+    if options.scope == "rolling" and options.continuations is not None:
+        raise RequestError(
+            "loglikelihood.scope",
+            "loglikelihood.scope 'rolling' scores the whole prompt; it cannot be combined "
+            "with loglikelihood.continuations",
+        )
+    where = f"prompt[{p}]" if count > 1 else "prompt"
+    if isinstance(prompt, str):
+        # Checked here, so that a context that cannot be encoded is not reported against the
+        # continuation it was paired with.
+        try:
+            check_text(prompt, where)
+        except ValueError as e:
+            raise RequestError(where, str(e)) from None
+    try:
+        if options.scope == "rolling":
+            return [scorer.rolling(prompt)]
+        if options.continuations is None:
+            return [scorer.prompt(prompt)]
+        jobs = []
+        for i, continuation in enumerate(options.continuations):
+            field = f"loglikelihood.continuations[{i}]"
+            try:
+                if isinstance(prompt, str):
+                    jobs.append(scorer.pair(prompt, continuation))
+                else:
+                    jobs.append(scorer.pair_ids(prompt, continuation))
+            except ValueError as e:
+                raise RequestError(field, f"{where} with {field}: {e}") from None
+        return jobs
+    except RequestError:
+        raise
+    except ValueError as e:
+        raise RequestError(where, f"{where}: {e}") from None
+
+
+def chat_messages(messages: Any) -> list[dict[str, Any]]:
+    """The request's messages with text content, as the chat template takes them."""
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("messages", "messages must be a non-empty list of messages")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            try:
+                message = dict(message)
+            except (TypeError, ValueError):
+                raise RequestError(f"messages[{i}]", f"messages[{i}] must be an object") from None
+        message = dict(message)
+        content = message.get("content")
+        if content is None:
+            content = ""
+        elif not isinstance(content, str):
+            if not isinstance(content, list):
+                raise RequestError(
+                    f"messages[{i}].content",
+                    f"messages[{i}].content must be a string or a list of text parts",
+                )
+            parts = []
+            for part in content:
+                try:
+                    part = dict(part)
+                except (TypeError, ValueError):
+                    part = {}
+                if part.get("type") != "text" or not isinstance(part.get("text", ""), str):
+                    raise RequestError(
+                        f"messages[{i}].content",
+                        f"messages[{i}].content: only text parts can be scored with loglikelihood",
+                    )
+                parts.append(part.get("text", ""))
+            content = "\n".join(parts)
+        try:
+            check_text(content, f"messages[{i}].content")
+        except ValueError as e:
+            raise RequestError(f"messages[{i}].content", str(e)) from None
+        message["content"] = content
+        out.append(message)
+    return out
+
+
+def chat_jobs(
+    scorer: Scorer,
+    messages: Any,
+    options: LoglikelihoodOptions,
+    *,
+    chat_template_kwargs: dict[str, Any] | None = None,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+) -> list[Job]:
+    """The jobs of a chat request: the rendered prompt, the last message, or candidates."""
+    if options.scope == "rolling":
+        raise RequestError(
+            "loglikelihood.scope",
+            "loglikelihood.scope 'rolling' is only for /v1/completions; chat scores the "
+            "rendered prompt, the last message or candidate messages",
+        )
+    messages = chat_messages(messages)
+    kwargs = dict(chat_template_kwargs or {})
+    if continue_final_message:
+        kwargs["continue_final_message"] = True
+    try:
+        if options.continuations is not None:
+            jobs = []
+            for i, text in enumerate(options.continuations):
+                try:
+                    jobs.append(scorer.chat(messages, text, kwargs))
+                except ValueError as e:
+                    field = f"loglikelihood.continuations[{i}]"
+                    raise RequestError(field, f"{field}: {e}") from None
+            return jobs
+        if options.scope == "last_message":
+            return [scorer.chat(messages, None, kwargs)]
+        return [
+            scorer.chat_prompt(messages, add_generation_prompt and not continue_final_message, kwargs)
+        ]
+    except RequestError:
+        raise
+    except ValueError as e:
+        raise RequestError("messages", f"messages: {e}") from None
