@@ -18,7 +18,9 @@ on the Python standard library's source, bf16) in `.cache/bench-model`, then mea
 7. offline multiple choice: `vllm_loglik.loglikelihood` on an `LLM` with prefix caching on and
    `block_size=32`, against one native `prompt_logprobs` prompt per pair in one `generate` call;
 8. lm-eval: the wall time of lm-eval's CLI on a 4-choice task with long contexts, the
-   `vllm-loglik` model against lm-eval's `local-completions`, on the same server.
+   `vllm-loglik` model against lm-eval's `local-completions`, on the same server;
+9. batch: scored tokens per second of `vllm-loglik score`'s engine loop on 2,000 mixed lines,
+   against the offline API called once on the same jobs.
 
 Rows 1-3 and 6 run twice: with vLLM's CPU default of one core reserved for the front-end
 (`VLLM_CPU_NUM_OF_RESERVED_CPU=1`), and with none (`=0`). Rows 4 and 5 use the setting that
@@ -69,6 +71,7 @@ class Size:
     block_sizes: tuple[int, ...]  # KV block sizes, for row 4
     offline_questions: int = 16  # row 7
     lm_eval_questions: int = 32  # row 8
+    batch_lines: int = 2000  # row 9
     clients: int = 4
 
 
@@ -77,7 +80,7 @@ RESERVED = 0
 # Full: vLLM's CPU default of 1 reserved core, and 0; the CPU default KV block of 128 tokens,
 # and 32, the smallest that the CPU attention takes. Smoke: one of each, to stay quick.
 FULL = Size("full", 32, 512, 64, 1000, 5, 8000, 2, (1, 0), (128, 32))
-SMOKE = Size("smoke", 4, 64, 3, 300, 5, 400, 1, (RESERVED,), (32,), 2, 3)
+SMOKE = Size("smoke", 4, 64, 3, 300, 5, 400, 1, (RESERVED,), (32,), 2, 3, 25)
 
 
 def stdlib_text(limit_bytes: int) -> str:
@@ -361,6 +364,81 @@ def offline_multiple_choice(model: str, size: Size, dtype: str) -> dict:
     return {k: min(v) for k, v in t.items()}
 
 
+def batch_lines(model: str, size: Size) -> list[str]:
+    """`size.batch_lines` mixed request bodies, as JSON lines: whole prompts, multiple choice,
+    rolling documents longer than the context, chat last messages and chat candidates."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    ids = token_prompts(model, 1, 40 * size.prompt_len, seed=5)[0][1:]
+    longest = size.prompt_len // 2  # room for a chat template and continuations
+
+    def text(at: int, length: int) -> str:
+        at %= len(ids) - length
+        return tok.decode(ids[at : at + length])
+
+    lines = []
+    for i in range(size.batch_lines):
+        piece = text(i * 37, 8 + i % (longest - 8))
+        kind = i % 5
+        if kind == 0:
+            body = {"prompt": piece, "loglikelihood": True}
+        elif kind == 1:
+            body = {"prompt": piece, "loglikelihood": {"continuations": WORDS[:4]}}
+        elif kind == 2:
+            body = {"prompt": text(i * 53, size.prompt_len * 2), "loglikelihood": {"scope": "rolling"}}
+        elif kind == 3:
+            body = {"messages": [{"role": "user", "content": piece}], "loglikelihood": True}
+        else:
+            body = {"messages": [{"role": "user", "content": piece}],
+                    "loglikelihood": {"continuations": ["Yes.", "No.", piece[:40] or "Maybe."]}}  # fmt: skip
+        lines.append(json.dumps(dict(body, id=i)))
+    return lines
+
+
+def offline_batch(model: str, size: Size, dtype: str) -> dict:
+    """Row 9: `vllm-loglik score`'s engine loop (`vllm_loglik.batch.run_engine`, what the CLI
+    runs once its engine is up) against the offline API's `run_jobs` called once on the same
+    jobs, on one `LLM` (prefix caching on, `block_size=32`); scored tokens per second."""
+    import io
+
+    from vllm import LLM
+
+    from vllm_loglik import batch
+    from vllm_loglik.offline import run_jobs, scorer_for
+
+    llm = LLM(
+        model, dtype=dtype, max_model_len=size.prompt_len + 16, enforce_eager=True, seed=0,
+        block_size=32,
+    )  # fmt: skip
+    lines = batch_lines(model, size)
+    scorer = scorer_for(llm)
+    works = [batch.parse_line(scorer, line, n, False) for n, line in enumerate(lines, start=1)]
+    assert all(w.error is None for w in works), [w.error for w in works if w.error][:3]
+    jobs = [job for w in works for job in w.jobs]
+    run_jobs(llm, jobs[:8], 0, False)  # warm-up
+    t: dict[str, list[float]] = {"tool": [], "offline": []}
+    tokens = 0
+    for _ in range(size.repeats):
+        llm.reset_prefix_cache()
+        start = time.perf_counter()
+        scores = run_jobs(llm, jobs, 0, False)
+        t["offline"].append(time.perf_counter() - start)
+        tokens = sum(s.num_tokens for s in scores)
+        llm.reset_prefix_cache()
+        out = io.StringIO()
+        writer = batch.OrderedWriter(out, 1)
+        progress = batch.Progress(total=len(lines))
+        start = time.perf_counter()
+        batch.run_engine(llm, iter(enumerate(lines, start=1)), writer, progress, False)
+        t["tool"].append(time.perf_counter() - start)
+        progress.close()
+        assert writer.failed == 0 and out.getvalue().count("\n") == len(lines)
+    best = {k: min(v) for k, v in t.items()}
+    return {"lines": len(lines), "tokens": tokens, **best,
+            "tool_tok_s": tokens / best["tool"], "offline_tok_s": tokens / best["offline"]}  # fmt: skip
+
+
 LM_EVAL_TASK = """task: bench_mc
 dataset_path: json
 dataset_kwargs:
@@ -541,6 +619,13 @@ def table(r: dict, size: Size) -> str:
          f"questions, {size.context_len}-token contexts; acc {lm['local_completions_acc']:.3f} vs "
          f"{lm['ours_acc']:.3f})")
     )  # fmt: skip
+    b = r["batch"]
+    rows.append(
+        ("9. batch CLI: tokens/s vs the offline API in one call", f"{RESERVED} reserved, block 32",
+         b["tool_tok_s"] / b["offline_tok_s"], "≥ 0.95×",
+         f"{b['tool_tok_s']:,.0f} vs {b['offline_tok_s']:,.0f} tokens/s ({b['lines']} mixed lines, "
+         f"{b['tokens']:,} scored tokens)")
+    )  # fmt: skip
     rows.sort(key=lambda row: row[0][:2])  # by row number; settings in measured order
     lines = [
         "| row | CPU setting | ratio | goal | measured |",
@@ -576,14 +661,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny model, few prompts")
     parser.add_argument("--json", type=Path, help="where to write the figures")
-    parser.add_argument("--offline-child", choices=["rows", "mc"], help=argparse.SUPPRESS)
+    parser.add_argument("--offline-child", choices=["rows", "mc", "batch"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     size = SMOKE if args.smoke else FULL
     dtype = "float32" if args.smoke else "bfloat16"
     model = build(size)
 
     if args.offline_child:  # runs in its own process, so its engine is gone before the server's
-        rows = offline_rows if args.offline_child == "rows" else offline_multiple_choice
+        rows = {"rows": offline_rows, "mc": offline_multiple_choice, "batch": offline_batch}[
+            args.offline_child
+        ]
         args.json.write_text(json.dumps(rows(model, size, dtype)))
         sys.stdout.flush()
         os._exit(0)  # skip the engine's teardown, which can abort the process at exit
@@ -599,6 +686,7 @@ def main() -> None:
                 results["memory"] = memory_row(server, model, size)
     results["multiple_choice"] = multiple_choice(model, dtype, size)
     results["offline_multiple_choice"] = offline_child(args.smoke, size, RESERVED, "mc")
+    results["batch"] = offline_child(args.smoke, size, RESERVED, "batch")
     results["lm_eval"] = lm_eval_row(model, dtype, size)
 
     text = table(results, size)

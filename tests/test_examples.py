@@ -1,0 +1,52 @@
+"""Every script in `examples/` runs as written against the demo model behind the test server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import API_KEY
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+def run(server, *args: str) -> str:
+    env = dict(
+        os.environ, OPENAI_API_KEY=API_KEY, OPENAI_BASE_URL=server.url + "/v1",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    )  # fmt: skip
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+    return done.stdout
+
+
+@pytest.mark.parametrize(
+    ("script", "expected"),
+    [
+        ("openai_client.py", ["completions:", "chat:", "rank"]),
+        ("multiple_choice.py", ["' Mars'", "most likely:"]),
+        ("rank_chat_replies.py", ["1. ", "3. ", "per token"]),
+        ("surprising_tokens.py", ["expected:"]),
+    ],
+)
+def test_client_examples(server, script, expected):
+    out = run(server, sys.executable, str(EXAMPLES / script))
+    for text in expected:
+        assert text in out
+
+
+def test_perplexity_example_offline_and_on_the_server(server, model_path):
+    out = run(server, sys.executable, str(EXAMPLES / "perplexity.py"), model_path)
+    assert "offline:" in out and "server:" in out and "bits per byte" in out
+
+
+def test_batch_cli_example(server):
+    out = run(server, "bash", str(EXAMPLES / "batch_cli.sh"), server.url)
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    assert len(lines) == 4 and '"error"' in lines[3] and "exit status 1" in out
+    assert all('"loglikelihood"' in line for line in lines[:3])
