@@ -419,7 +419,7 @@ def offline_batch(model: str, size: Size, dtype: str) -> dict:
     run_jobs(llm, jobs[:8], 0, False)  # warm-up
     t: dict[str, list[float]] = {"tool": [], "offline": []}
     tokens = 0
-    for _ in range(size.repeats):
+    for _ in range(1):  # one run of each: minutes long, enough to average out the noise
         llm.reset_prefix_cache()
         start = time.perf_counter()
         scores = run_jobs(llm, jobs, 0, False)
