@@ -72,12 +72,7 @@ def parse_line(
     """The jobs of one input line, or a `Work` holding the line's error."""
     work = Work(line)
     try:
-        try:
-            body = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise RequestError("", f"the line is not JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise RequestError("", "the line must be a JSON object (a request body)")
+        body = load_body(text)
         work.id = body.get("id")
         work.jobs, work.top_logprobs = body_jobs(scorer, body, details, max_continuations)
     except RequestError as e:
@@ -85,6 +80,17 @@ def parse_line(
         if e.param:
             work.error["param"] = e.param
     return work
+
+
+def load_body(text: str) -> dict[str, Any]:
+    """The request body of an input line."""
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RequestError("", f"the line is not JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise RequestError("", "the line must be a JSON object (a request body)")
+    return body
 
 
 def body_jobs(
@@ -435,12 +441,9 @@ def run_server(
 async def score_remote(client: Any, model: str, n: int, text: str, details: bool) -> dict[str, Any]:
     work = Work(n)
     try:
-        body = json.loads(text)
-    except json.JSONDecodeError as e:
-        work.error = {"message": f"the line is not JSON: {e}"}
-        return error_record(work)
-    if not isinstance(body, dict):
-        work.error = {"message": "the line must be a JSON object (a request body)"}
+        body = load_body(text)
+    except RequestError as e:
+        work.error = {"message": str(e)}
         return error_record(work)
     work.id = body.pop("id", None)
     field_value = body.get("loglikelihood", True)
