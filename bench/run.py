@@ -430,7 +430,10 @@ def offline_batch(model: str, size: Size, dtype: str) -> dict:
         writer = batch.OrderedWriter(out, 1)
         progress = batch.Progress(total=len(lines))
         start = time.perf_counter()
-        batch.run_engine(llm, iter(enumerate(lines, start=1)), writer, progress, False)
+        def emit(record: dict) -> None:
+            progress.update(writer.add(record), batch.scored_tokens(record))
+
+        batch.run_engine(llm, iter(enumerate(lines, start=1)), emit, False)
         t["tool"].append(time.perf_counter() - start)
         progress.close()
         assert writer.failed == 0 and out.getvalue().count("\n") == len(lines)

@@ -50,3 +50,32 @@ def test_batch_cli_example(server):
     lines = [line for line in out.splitlines() if line.startswith("{")]
     assert len(lines) == 4 and '"error"' in lines[3] and "exit status 1" in out
     assert all('"loglikelihood"' in line for line in lines[:3])
+
+
+def test_notebook_runs_on_the_demo_model_with_its_outputs_saved(server, monkeypatch):
+    """`examples/loglikelihood.ipynb` is committed with its outputs (plots included), and runs
+    top to bottom against the demo model with nbclient."""
+    import nbclient
+    import nbformat
+
+    path = EXAMPLES / "loglikelihood.ipynb"
+    saved = nbformat.read(path, as_version=4)
+    code = [cell for cell in saved.cells if cell.cell_type == "code"]
+    assert code and all(cell.outputs for cell in code), "run it and save it with its outputs"
+    assert sum("image/png" in o.get("data", {}) for c in code for o in c.outputs) >= 2
+
+    monkeypatch.setenv("OPENAI_BASE_URL", server.url + "/v1")
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    notebook = nbformat.read(path, as_version=4)
+    nbclient.NotebookClient(
+        notebook, timeout=600, kernel_name="python3",
+        resources={"metadata": {"path": str(EXAMPLES)}},
+    ).execute()  # fmt: skip  (raises CellExecutionError on any error)
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    text = "".join(o.get("text", "") for o in outputs)
+    for expected in ("model: tiny", "perplexity", "most surprising:", "most likely:", "1. ",
+                     "exit status 1", "error:"):  # fmt: skip
+        assert expected in text, expected
+    figures = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(figures) == 2  # surprisal per token, and the choices as bars
+    assert any("rgba(220, 40, 40" in o.get("data", {}).get("text/html", "") for o in outputs)

@@ -64,15 +64,16 @@ class Work:
 
 def parse_line(
     scorer: Scorer,
-    text: str,
+    text: str | dict[str, Any],
     line: int,
     details: bool,
     max_continuations: int = DEFAULT_MAX_CONTINUATIONS,
 ) -> Work:
-    """The jobs of one input line, or a `Work` holding the line's error."""
+    """The jobs of one input line (its JSON text, or the body already parsed), or a `Work`
+    holding the line's error."""
     work = Work(line)
     try:
-        body = load_body(text)
+        body = text if isinstance(text, dict) else load_body(text)
         work.id = body.get("id")
         work.jobs, work.top_logprobs = body_jobs(scorer, body, details, max_continuations)
     except RequestError as e:
@@ -191,12 +192,12 @@ class OrderedWriter:
 
 
 def input_lines(path: Path, skip: int) -> Iterator[tuple[int, str]]:
-    """(line number from 1, text) of each input line after the first `skip`; a blank line is
-    a line too (it becomes an error record), so numbers always match the file's."""
+    """(line number from 1, text without its newline) of each input line after the first
+    `skip`; a blank line is a line too (it becomes an error record), so numbers always match the file's."""
     with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for n, text in enumerate(f, start=1):
             if n > skip:
-                yield n, text
+                yield n, text.rstrip("\r\n")
 
 
 def count_lines(path: Path) -> int:
@@ -331,18 +332,24 @@ class Progress:
 
 
 def scored_tokens(record: dict[str, Any]) -> int:
-    return sum(e["num_tokens"] for e in record.get("loglikelihood", []))
+    return sum(e["num_tokens"] for e in record.get("loglikelihood") or [])
+
+
+#: Takes each output record as soon as it is ready (not in line order).
+Emit = Callable[[dict[str, Any]], None]
+#: `(line number, JSON text or parsed body)` of each input line.
+Lines = Iterator[tuple[int, "str | dict[str, Any]"]]
 
 
 def run_engine(
     llm: Any,
-    lines: Iterator[tuple[int, str]],
-    writer: OrderedWriter,
-    progress: Progress,
+    lines: Lines,
+    emit: Emit,
     details: bool,
     budget_tokens: int = DEFAULT_BUDGET_TOKENS,
 ) -> None:
-    """Score `lines` on `llm`'s engine, keeping about `budget_tokens` in flight."""
+    """Score `lines` on `llm`'s engine, keeping about `budget_tokens` in flight; each line's
+    record goes to `emit` as soon as it is done."""
     from .offline import scorer_for
 
     scorer = scorer_for(llm)
@@ -351,9 +358,6 @@ def run_engine(
     max_continuations = int(
         os.environ.get("VLLM_LOGLIK_MAX_CONTINUATIONS", DEFAULT_MAX_CONTINUATIONS)
     )
-
-    def emit(record: dict[str, Any]) -> None:
-        progress.update(writer.add(record), scored_tokens(record))
 
     try:
         more = True
@@ -402,8 +406,7 @@ def run_server(
     url: str,
     model: str | None,
     lines: Iterator[tuple[int, str]],
-    writer: OrderedWriter,
-    progress: Progress,
+    emit: Emit,
     details: bool,
     concurrency: int,
     api_key: str | None,
@@ -430,8 +433,7 @@ def run_server(
             async def consume() -> None:
                 while (item := await queue.get()) is not None:
                     n, text = item
-                    record = await score_remote(client, name, n, text, details)
-                    progress.update(writer.add(record), scored_tokens(record))
+                    emit(await score_remote(client, name, n, text, details))
 
             await asyncio.gather(produce(), *(consume() for _ in range(concurrency)))
 
@@ -469,7 +471,8 @@ async def score_remote(client: Any, model: str, n: int, text: str, details: bool
     return {"id": work.id, "line": n, "loglikelihood": [compact(e) for e in entries]}
 
 
-Runner = Callable[[Iterator[tuple[int, str]], OrderedWriter, Progress], None]
+#: Scores the input lines after the first `skip` (given), passing each record to `emit`.
+Runner = Callable[[int, Emit], None]
 
 
 def score_file(input_path: Path, output_path: Path, run: Runner) -> int:
@@ -486,8 +489,12 @@ def score_file(input_path: Path, output_path: Path, run: Runner) -> int:
     with open(output_path, "a", encoding="utf-8") as out:
         writer = OrderedWriter(out, done + 1)
         progress = Progress(total=total, done=done)
+
+        def emit(record: dict[str, Any]) -> None:
+            progress.update(writer.add(record), scored_tokens(record))
+
         try:
-            run(input_lines(input_path, done), writer, progress)
+            run(done, emit)
         finally:
             progress.close()
     return writer.failed

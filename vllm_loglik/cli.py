@@ -1,8 +1,9 @@
 """The `vllm-loglik` command.
 
 `vllm-loglik score MODEL --input requests.jsonl --output scores.jsonl [vLLM engine flags]`
-scores a file of request bodies (`vllm_loglik.batch`), in this process or (`--server URL`)
-through a running server with the plugin.
+scores a file of request bodies (`vllm_loglik.batch`): in this process, through a running
+server with the plugin (`--server URL`), or on a Ray cluster with one engine per actor (`--ray`,
+`vllm_loglik.ray_data`).
 
 `vllm-loglik eval [lm_eval arguments]` registers this package's lm-evaluation-harness models
 (`vllm-loglik`, `vllm-loglik-chat`) and runs lm-eval's own command line with the arguments
@@ -23,6 +24,7 @@ commands:
   score   score a JSON Lines file of request bodies (the server's, without `model`):
           vllm-loglik score MODEL --input requests.jsonl --output scores.jsonl [vLLM flags]
           vllm-loglik score --server http://127.0.0.1:8000 --input ... --output ...
+          vllm-loglik score MODEL --ray --ray-address auto --input ... --output ...
           (vllm-loglik score --help for every flag)
   eval    run lm-evaluation-harness with the vllm-loglik and vllm-loglik-chat models;
           takes lm_eval's arguments, e.g.
@@ -69,6 +71,20 @@ def score_parser() -> Any:
                        help="the server's API key (default: $OPENAI_API_KEY)")  # fmt: skip
     group.add_argument("--budget-tokens", type=int, default=None,
                        help="prompt tokens in flight in the engine (default 65536)")  # fmt: skip
+    ray = parser.add_argument_group("Ray Data (pip install 'vllm-loglik[ray]')")
+    ray.add_argument("--ray", action="store_true",
+                     help="score through Ray Data, one engine per actor")  # fmt: skip
+    ray.add_argument("--ray-address", default=None,
+                     help="the cluster to join ('auto', or ray://HOST:10001); default: "
+                     "$RAY_ADDRESS, else a new local Ray instance")  # fmt: skip
+    ray.add_argument("--ray-concurrency", type=int, default=None,
+                     help="actors (engines); default: the cluster's GPUs / GPUs per actor, "
+                     "or 1 without GPUs")  # fmt: skip
+    ray.add_argument("--ray-num-gpus", type=float, default=None,
+                     help="GPUs per actor; default: tensor x pipeline parallel size on a "
+                     "cluster with GPUs, else 0")  # fmt: skip
+    ray.add_argument("--ray-batch-size", type=int, default=256,
+                     help="input lines per batch given to an actor (default 256)")  # fmt: skip
     EngineArgs.add_cli_args(parser)
     return parser
 
@@ -88,22 +104,40 @@ def run_score(args: list[str]) -> None:
 
     signal.signal(signal.SIGTERM, stop)  # a `kill` stops as Ctrl-C does: nothing written is lost
     llm = None
+    ray_started = False
+    budget = parsed.budget_tokens or batch.DEFAULT_BUDGET_TOKENS
     try:
         if parsed.server:
-            def run(lines, writer, progress):  # noqa: ANN001, ANN202
+            def run(skip, emit):  # noqa: ANN001, ANN202
                 batch.run_server(
-                    parsed.server, parsed.model_tag, lines, writer, progress, parsed.details,
-                    parsed.concurrency, parsed.server_api_key,
+                    parsed.server, parsed.model_tag, batch.input_lines(parsed.input, skip), emit,
+                    parsed.details, parsed.concurrency, parsed.server_api_key,
+                )  # fmt: skip
+        elif parsed.ray:
+            from vllm.engine.arg_utils import EngineArgs
+
+            from . import ray_data
+
+            engine_args = EngineArgs.from_cli_args(parsed)
+            ray_started = True
+            concurrency, num_gpus = ray_data.init_ray(
+                parsed.ray_address, parsed.ray_concurrency, parsed.ray_num_gpus, engine_args
+            )
+
+            def run(skip, emit):  # noqa: ANN001, ANN202
+                ray_data.run_ray(
+                    parsed.input, skip, emit, engine_args, parsed.details, concurrency,
+                    num_gpus, parsed.ray_batch_size, budget,
                 )  # fmt: skip
         else:
             from vllm import LLM
             from vllm.engine.arg_utils import EngineArgs
 
             llm = LLM.from_engine_args(EngineArgs.from_cli_args(parsed))
-            budget = parsed.budget_tokens or batch.DEFAULT_BUDGET_TOKENS
 
-            def run(lines, writer, progress):  # noqa: ANN001, ANN202
-                batch.run_engine(llm, lines, writer, progress, parsed.details, budget)
+            def run(skip, emit):  # noqa: ANN001, ANN202
+                lines = batch.input_lines(parsed.input, skip)
+                batch.run_engine(llm, lines, emit, parsed.details, budget)
 
         failed = batch.score_file(parsed.input, parsed.output, run)
     except KeyboardInterrupt:
@@ -111,6 +145,10 @@ def run_score(args: list[str]) -> None:
     finally:
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()
+        if ray_started:
+            import ray
+
+            ray.shutdown()
     if interrupted:
         print(f"interrupted: {parsed.output} holds every line finished so far; run the same "
               "command again to resume", file=sys.stderr)  # fmt: skip
