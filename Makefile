@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench setup clean
+.PHONY: demo test soak bench setup clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The long versions of the load and hostile-input tests (500 requests per round, many more
+# generated bodies); `make test` runs short versions of each.
+soak: $(STAMP)
+	VLLM_LOGLIK_SOAK=1 $(PY) -m pytest -q -s tests/test_load.py tests/test_hostile.py
 
 bench: $(STAMP)
 	$(PY) bench/run.py

@@ -23,6 +23,7 @@ from .spans import (
     TextEncoder,
     chat_span,
     check_text,
+    excerpt,
     pair_span,
     prompt_span,
     rolling_spans,
@@ -44,7 +45,9 @@ class Job:
 
 def check_top_logprobs(value: Any, field: str = "top_logprobs") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOP_LOGPROBS:
-        raise ValueError(f"{field} must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {value!r}")
+        raise ValueError(
+            f"{field} must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {excerpt(value)}"
+        )
     return value
 
 

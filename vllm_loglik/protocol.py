@@ -32,6 +32,8 @@ from typing import Any, Literal
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .spans import excerpt
+
 #: The default cap on `continuations` per request; the server reads
 #: `VLLM_LOGLIK_MAX_CONTINUATIONS` to change it.
 DEFAULT_MAX_CONTINUATIONS = 64
@@ -99,7 +101,12 @@ def parse_loglikelihood(value: Any) -> LoglikelihoodField:
         return LoglikelihoodOptions.model_validate(value)
     except ValidationError as e:
         err = e.errors()[0]
-        where = ".".join(str(p) for p in ("loglikelihood", *err["loc"]))
+        # A key is the client's input: quote a short excerpt of it.
+        where = ".".join(
+            p if p == "loglikelihood" or p in LoglikelihoodOptions.model_fields
+            else str(p) if isinstance(p, int) else excerpt(p, 32)
+            for p in ("loglikelihood", *err["loc"])
+        )  # fmt: skip
         if err["type"] == "extra_forbidden":
             raise ValueError(
                 f"{where} is not a loglikelihood option (known: continuations, scope, "

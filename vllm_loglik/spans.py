@@ -74,6 +74,13 @@ class TextEncoder:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
 
+def excerpt(value: Any, limit: int = 48) -> str:
+    """`repr(value)` cut to about `limit` characters: what an error message may quote of a
+    client's input (never a whole body)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 12]}... ({len(text):,} chars)"
+
+
 def check_text(text: str, what: str = "text") -> str:
     """`text`, if it can be encoded: a JSON string may hold a lone surrogate (`"\\ud800"`),
     which is not a Unicode character and which no tokenizer can encode."""
@@ -138,7 +145,9 @@ def pair_span(encoder: TextEncoder, context: str, continuation: str) -> Span:
         else:
             cont = encoder.encode_plain(continuation)
     if not cont:
-        raise ValueError(f"continuation {continuation!r} encodes to no tokens after its context")
+        raise ValueError(
+            f"continuation {excerpt(continuation)} encodes to no tokens after its context"
+        )
     return Span(ctx + cont, len(ctx))
 
 

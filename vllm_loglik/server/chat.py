@@ -18,7 +18,7 @@ from .validation import checked, top_logprobs_of
 async def score_chat(request: LoglikelihoodChatCompletionRequest, raw_request: Request):
     try:
         scoring, options = checked(request, raw_request)
-        k = top_logprobs_of(options, request.top_logprobs if request.logprobs else 0, "top_logprobs")
+        k = top_logprobs_of(scoring, options, request.top_logprobs if request.logprobs else 0, "top_logprobs")
         jobs = chat_jobs(
             scoring.scorer,
             request.messages,
@@ -27,8 +27,9 @@ async def score_chat(request: LoglikelihoodChatCompletionRequest, raw_request: R
             add_generation_prompt=request.add_generation_prompt,
             continue_final_message=request.continue_final_message,
         )
+        scoring.limits.check_jobs(jobs, rolling=False)
     except RequestError as e:
-        return error_response(str(e), e.param, HTTPStatus.BAD_REQUEST)
+        return error_response(str(e), e.param, getattr(e, "status", HTTPStatus.BAD_REQUEST))
 
     max_tokens = (
         request.max_completion_tokens

@@ -24,13 +24,14 @@ from .validation import checked, top_logprobs_of
 async def score_completion(request: LoglikelihoodCompletionRequest, raw_request: Request):
     try:
         scoring, options = checked(request, raw_request)
-        k = top_logprobs_of(options, request.logprobs, "logprobs")
+        k = top_logprobs_of(scoring, options, request.logprobs, "logprobs")
         prompts = completion_prompts(request.prompt)
         groups: list[list[Job]] = []
         for p, prompt in enumerate(prompts):
             groups.append(completion_jobs(scoring.scorer, prompt, p, len(prompts), options))
+        scoring.limits.check_jobs([job for g in groups for job in g], options.scope == "rolling")
     except RequestError as e:
-        return error_response(str(e), e.param, HTTPStatus.BAD_REQUEST)
+        return error_response(str(e), e.param, getattr(e, "status", HTTPStatus.BAD_REQUEST))
 
     jobs = [job for group in groups for job in group]
     generate = request.max_tokens != 0 or bool(request.echo)

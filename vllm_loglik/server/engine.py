@@ -4,7 +4,6 @@ protocol of `vllm_loglik.engine_requests` through the plugin's `EngineClient`.""
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from typing import Any
 
@@ -13,8 +12,8 @@ from starlette.datastructures import State
 from ..engine_output import EngineOutputError
 from ..engine_requests import EngineRequest, run_async, score_spans
 from ..jobs import Job, Scorer
-from ..protocol import DEFAULT_MAX_CONTINUATIONS
 from ..scoring import Score
+from .limits import Limits
 
 
 class ScoringFault(RuntimeError):
@@ -44,9 +43,8 @@ class ServerScoring:
             engine_client.model_config.max_model_len,
             chat_template=getattr(chat, "chat_template", None),
         )
-        self.max_continuations = int(
-            os.environ.get("VLLM_LOGLIK_MAX_CONTINUATIONS", DEFAULT_MAX_CONTINUATIONS)
-        )
+        self.limits = Limits.from_env()
+        self.max_continuations = self.limits.max_continuations
         cache = engine_client.vllm_config.cache_config
         self.block_size: int | None = cache.block_size if cache.enable_prefix_caching else None
 

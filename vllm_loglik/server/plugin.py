@@ -13,26 +13,34 @@ endpoint unchanged: streaming, tools, errors and generation behave as without th
 routes keep the original routes' dependencies; `--api-key` is enforced by vLLM's middleware,
 which guards every `/v1` path. `init_state` builds the per-app `ServerScoring` from the engine
 client.
+
+On the two routes, the plugin also caps the body size (`BodyLimit`, HTTP 413: the caps are in
+`limits.py`) and answers a body that is not JSON at all in the OpenAI error shape (`_Route`);
+with the API's middleware and a route class, both public FastAPI extension points.
 """
 
 from __future__ import annotations
 
 from argparse import Namespace
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.routing import APIRoute
 from starlette.datastructures import State
+from starlette.exceptions import HTTPException  # what FastAPI raises; its own subclasses it
 
 from vllm.entrypoints.serve.utils.api_utils import with_cancellation
 
 from .chat import score_chat
 from .completions import score_completion
 from .engine import ScoringFault, ServerScoring
+from .limits import Limits
 from .protocol import (
     LoglikelihoodChatCompletionRequest,
     LoglikelihoodCompletionRequest,
+    error_response,
     internal_error_response,
 )
 
@@ -71,6 +79,83 @@ def _wrap(original: APIRoute, request_model: type, handler: Handler) -> Handler:
     return endpoint
 
 
+class _BodyTooLarge(Exception):
+    """Raised from `receive` once a body passes the cap (not a ValueError: no handler of
+    vLLM's may take it for bad input)."""
+
+
+class BodyLimit:
+    """ASGI middleware: HTTP 413 for a body on `paths` of more than `max_bytes`, judged by its
+    Content-Length before anything is read, and counted while it streams in otherwise."""
+
+    def __init__(self, app: Any, paths: frozenset[str], max_bytes: int):
+        self.app = app
+        self.paths = paths
+        self.max_bytes = max_bytes
+
+    def _response(self) -> Any:
+        return error_response(
+            f"the request body is larger than {self.max_bytes:,} bytes "
+            "(VLLM_LOGLIK_MAX_BODY_BYTES)",
+            None,
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+        )
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            return await self.app(scope, receive, send)
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                return await self._response()(scope, receive, send)
+        received = 0
+        started = False
+
+        async def counted() -> Any:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        async def watched(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, watched)
+        except _BodyTooLarge:
+            if not started:
+                await self._response()(scope, receive, send)
+
+
+#: What FastAPI raises (as an HTTPException) for a body that it cannot read as JSON at all.
+PARSE_ERROR = "There was an error parsing the body"
+
+
+class _Route(APIRoute):
+    """The plugin's routes: a body that is not JSON at all (FastAPI's `PARSE_ERROR`, e.g. for
+    invalid UTF-8) gets a 400 in the OpenAI error shape too, as every other bad input."""
+
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Any]]:
+        handler = super().get_route_handler()
+
+        async def route_handler(request: Request) -> Any:
+            try:
+                return await handler(request)
+            except HTTPException as e:
+                if e.status_code != HTTPStatus.BAD_REQUEST or e.detail != PARSE_ERROR:
+                    raise
+                return error_response(
+                    f"{PARSE_ERROR}: the body must be a JSON object in UTF-8", None,
+                    HTTPStatus.BAD_REQUEST,
+                )  # fmt: skip
+
+        return route_handler
+
+
 class LoglikelihoodPlugin:
     """The `vllm.endpoint_plugins` entry point (see `vllm.plugins.endpoint_plugins.interface`)."""
 
@@ -78,7 +163,11 @@ class LoglikelihoodPlugin:
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
-        router = APIRouter()
+        limits = Limits.from_env()
+        app.add_middleware(
+            BodyLimit, paths=frozenset((COMPLETIONS, CHAT)), max_bytes=limits.max_body_bytes
+        )
+        router = APIRouter(route_class=_Route)
         for path, model, handler in (
             (COMPLETIONS, LoglikelihoodCompletionRequest, score_completion),
             (CHAT, LoglikelihoodChatCompletionRequest, score_chat),

@@ -64,6 +64,7 @@ def error_response(message: str, param: str | None, status: HTTPStatus) -> JSONR
     kind = {
         HTTPStatus.BAD_REQUEST: "BadRequestError",
         HTTPStatus.INTERNAL_SERVER_ERROR: "InternalServerError",
+        HTTPStatus.REQUEST_ENTITY_TOO_LARGE: "RequestTooLargeError",
     }
     body = {
         "error": {

@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import Request
 
 from ..protocol import LoglikelihoodOptions
+from ..spans import excerpt
 from .engine import ServerScoring
 from ..requests import RequestError, check_continuations
 
@@ -37,12 +38,16 @@ def check_common(request: Any, options: LoglikelihoodOptions, scoring: ServerSco
             "streaming",
         )
     check_continuations(options, scoring.max_continuations)
+    scoring.limits.check_request(request)
 
 
-def top_logprobs_of(options: LoglikelihoodOptions, fallback: int | None, name: str) -> int:
+def top_logprobs_of(
+    scoring: ServerScoring, options: LoglikelihoodOptions, fallback: int | None, name: str
+) -> int:
     """The alternatives per token: the field's own `top_logprobs`, else the request's `name`
     (which the compact response ignores: it lists no tokens)."""
     if options.top_logprobs is not None:
+        scoring.limits.check_top_logprobs(options.top_logprobs, "loglikelihood.top_logprobs")
         if options.top_logprobs and not options.content:
             raise RequestError(
                 "loglikelihood.top_logprobs",
@@ -53,10 +58,7 @@ def top_logprobs_of(options: LoglikelihoodOptions, fallback: int | None, name: s
     if not options.content:
         return 0
     k = fallback or 0
-    if k > 20:
-        raise RequestError(
-            name, f"{name} is {k}; loglikelihood entries allow at most 20 top_logprobs"
-        )
+    scoring.limits.check_top_logprobs(k, name)
     return max(k, 0)
 
 
@@ -65,6 +67,6 @@ def check_model(request: Any, raw_request: Request) -> None:
     if request.model and models is not None and not models.is_base_model(request.model):
         raise RequestError(
             "model",
-            f"loglikelihood is computed with the base model only; model {request.model!r} "
+            f"loglikelihood is computed with the base model only; model {excerpt(request.model)} "
             "is not the served base model",
         )

@@ -1,0 +1,110 @@
+"""Caps on the work that one scoring request may ask for, each set by an environment variable.
+
+A public endpoint receives whatever anyone sends; these bound what one request can cost the
+server before any engine work starts. Past a cap, the request is refused: HTTP 413 for the body
+size and the total tokens, HTTP 400 naming the field for the others, always in the OpenAI error
+shape, with the variable to raise in the message.
+
+| variable | default | what |
+| --- | --- | --- |
+| `VLLM_LOGLIK_MAX_BODY_BYTES` | 33554432 (32 MiB) | bytes of a request body on the two routes (413) |
+| `VLLM_LOGLIK_MAX_CONTINUATIONS` | 64 | items of `loglikelihood.continuations` |
+| `VLLM_LOGLIK_MAX_SCORED_TOKENS` | 1048576 | prompt tokens sent to the engine to score one request, over all its prompts, continuations and windows (413) |
+| `VLLM_LOGLIK_MAX_ROLLING_WINDOWS` | 4096 | windows of one rolling prompt |
+| `VLLM_LOGLIK_MAX_TOP_LOGPROBS` | 20 | alternatives per scored token (at most 20, the OpenAI API's limit) |
+| `VLLM_LOGLIK_MAX_N` | 128 | `n` of a request that scores and generates (each choice repeats the entries) |
+
+vLLM's own caps apply as well, for example `VLLM_MAX_COMPLETION_PROMPTS` (prompts per request)
+and `VLLM_MAX_N_SEQUENCES`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+from ..jobs import MAX_TOP_LOGPROBS, Job
+from ..protocol import DEFAULT_MAX_CONTINUATIONS
+from ..requests import RequestError
+
+
+class TooLarge(RequestError):
+    """A request past a cap on its size: HTTP 413."""
+
+    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+
+def _env_int(name: str, default: int, low: int = 0, high: int | None = None) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be from {low} to {high if high is not None else 'any'}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_continuations: int = DEFAULT_MAX_CONTINUATIONS
+    max_scored_tokens: int = 1 << 20
+    max_rolling_windows: int = 4096
+    max_top_logprobs: int = MAX_TOP_LOGPROBS
+    max_n: int = 128
+
+    @classmethod
+    def from_env(cls) -> Limits:
+        d = cls()
+        return cls(
+            max_body_bytes=_env_int("VLLM_LOGLIK_MAX_BODY_BYTES", d.max_body_bytes, 1),
+            max_continuations=_env_int("VLLM_LOGLIK_MAX_CONTINUATIONS", d.max_continuations, 1),
+            max_scored_tokens=_env_int("VLLM_LOGLIK_MAX_SCORED_TOKENS", d.max_scored_tokens, 1),
+            max_rolling_windows=_env_int(
+                "VLLM_LOGLIK_MAX_ROLLING_WINDOWS", d.max_rolling_windows, 1
+            ),
+            max_top_logprobs=_env_int(
+                "VLLM_LOGLIK_MAX_TOP_LOGPROBS", d.max_top_logprobs, 0, MAX_TOP_LOGPROBS
+            ),
+            max_n=_env_int("VLLM_LOGLIK_MAX_N", d.max_n, 1),
+        )
+
+    def check_request(self, request: Any) -> None:
+        """The caps that the request's own fields show, before its jobs are built."""
+        n = getattr(request, "n", None) or 1
+        if n > self.max_n:
+            raise RequestError(
+                "n", f"n is {n}; with loglikelihood at most {self.max_n} (VLLM_LOGLIK_MAX_N)"
+            )
+
+    def check_top_logprobs(self, k: int, field: str) -> None:
+        if k > self.max_top_logprobs:
+            raise RequestError(
+                field,
+                f"{field} is {k}; loglikelihood entries allow at most {self.max_top_logprobs} "
+                "(VLLM_LOGLIK_MAX_TOP_LOGPROBS)",
+            )
+
+    def check_jobs(self, jobs: list[Job], rolling: bool) -> None:
+        """The caps on the engine work of a request's jobs: windows and scored tokens."""
+        if rolling:
+            for job in jobs:
+                if len(job.spans) > self.max_rolling_windows:
+                    raise RequestError(
+                        "prompt",
+                        f"prompt needs {len(job.spans):,} rolling windows; at most "
+                        f"{self.max_rolling_windows:,} per prompt (VLLM_LOGLIK_MAX_ROLLING_WINDOWS)",
+                    )
+        tokens = sum(len(span.prompt_token_ids) for job in jobs for span in job.spans)
+        if tokens > self.max_scored_tokens:
+            raise TooLarge(
+                "prompt",
+                f"the request would score {tokens:,} prompt tokens; at most "
+                f"{self.max_scored_tokens:,} per request (VLLM_LOGLIK_MAX_SCORED_TOKENS): "
+                "split it into several requests",
+            )
