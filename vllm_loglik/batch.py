@@ -193,7 +193,8 @@ class OrderedWriter:
 
 def input_lines(path: Path, skip: int) -> Iterator[tuple[int, str]]:
     """(line number from 1, text without its newline) of each input line after the first
-    `skip`; a blank line is a line too (it becomes an error record), so numbers always match the file's."""
+    `skip`; a blank line is a line too (it becomes an error record), so numbers always match
+    the file's."""
     with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for n, text in enumerate(f, start=1):
             if n > skip:

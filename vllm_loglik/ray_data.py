@@ -164,12 +164,13 @@ def shards(path: Path, skip: int, lines_per_shard: int = LINES_PER_SHARD) -> lis
     """Read tasks for the lines of `path` after the first `skip`: byte offset, first line
     number and line count of each (one pass over the file, reading no line into memory)."""
     out: list[dict[str, Any]] = []
+    where = str(path.resolve())
     line, offset = 0, 0
     with open(path, "rb") as f:
         for raw in f:
             line += 1
             if line > skip and (line - skip - 1) % lines_per_shard == 0:
-                out.append({"path": str(path.resolve()), "offset": offset, "line": line, "count": 0})
+                out.append({"path": where, "offset": offset, "line": line, "count": 0})
             if line > skip:
                 out[-1]["count"] += 1
             offset += len(raw)

@@ -45,7 +45,8 @@ def _env_int(name: str, default: int, low: int = 0, high: int | None = None) -> 
     except ValueError:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
     if value < low or (high is not None and value > high):
-        raise ValueError(f"{name} must be from {low} to {high if high is not None else 'any'}, got {value}")
+        top = "" if high is None else f" to {high}"
+        raise ValueError(f"{name} must be at least {low}{top}, got {value}")
     return value
 
 
