@@ -289,6 +289,18 @@ def test_each_cap_refuses_past_it_and_names_its_variable(guarded):
         assert response.status_code == status, (variable, response.text[:500])
         assert variable in response.json()["error"]["message"]
         assert_answered(response)
+    # A body sent in chunks, with no Content-Length, is counted as it arrives.
+    def chunks():
+        yield b'{"model": "tiny", "max_tokens": 0, "loglikelihood": true, "prompt": "'
+        for _ in range(25):
+            yield b"a" * 100_000
+        yield b'"}'
+
+    response = httpx.post(guarded.url + "/v1/completions", content=chunks(), timeout=120,
+                          headers={"Authorization": f"Bearer {API_KEY}",
+                                   "Content-Type": "application/json"})  # fmt: skip
+    assert response.status_code == 413, response.text[:300]
+    assert "VLLM_LOGLIK_MAX_BODY_BYTES" in response.json()["error"]["message"]
     # Chat is capped the same way.
     chat = {"model": MODEL, "max_tokens": 0, "messages": [{"role": "user", "content": "hi"}],
             "loglikelihood": {"continuations": ["a"] * 17}}  # fmt: skip

@@ -79,9 +79,14 @@ def _wrap(original: APIRoute, request_model: type, handler: Handler) -> Handler:
     return endpoint
 
 
-class _BodyTooLarge(Exception):
-    """Raised from `receive` once a body passes the cap (not a ValueError: no handler of
-    vLLM's may take it for bad input)."""
+class _BodyTooLarge(HTTPException):
+    """Raised from `receive` once a streamed body passes the cap. An HTTPException, which
+    FastAPI's body reading passes on as it is (any other exception there becomes its 400
+    parse error); `_Route` and `BodyLimit` answer it with the 413."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+        self.max_bytes = max_bytes
 
 
 class BodyLimit:
@@ -94,12 +99,7 @@ class BodyLimit:
         self.max_bytes = max_bytes
 
     def _response(self) -> Any:
-        return error_response(
-            f"the request body is larger than {self.max_bytes:,} bytes "
-            "(VLLM_LOGLIK_MAX_BODY_BYTES)",
-            None,
-            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-        )
+        return too_large_response(self.max_bytes)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] not in self.paths:
@@ -116,7 +116,7 @@ class BodyLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise _BodyTooLarge
+                    raise _BodyTooLarge(self.max_bytes)
             return message
 
         async def watched(message: Any) -> None:
@@ -129,6 +129,14 @@ class BodyLimit:
         except _BodyTooLarge:
             if not started:
                 await self._response()(scope, receive, send)
+
+
+def too_large_response(max_bytes: int) -> Any:
+    return error_response(
+        f"the request body is larger than {max_bytes:,} bytes (VLLM_LOGLIK_MAX_BODY_BYTES)",
+        None,
+        HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+    )
 
 
 #: What FastAPI raises (as an HTTPException) for a body that it cannot read as JSON at all.
@@ -145,6 +153,8 @@ class _Route(APIRoute):
         async def route_handler(request: Request) -> Any:
             try:
                 return await handler(request)
+            except _BodyTooLarge as e:
+                return too_large_response(e.max_bytes)
             except HTTPException as e:
                 if e.status_code != HTTPStatus.BAD_REQUEST or e.detail != PARSE_ERROR:
                     raise
