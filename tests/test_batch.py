@@ -186,6 +186,7 @@ def test_sigint_keeps_every_written_line_and_a_rerun_resumes(model_path, server,
         [CLI, "score", model_path, "--input", str(inp), "--output", str(out), *ENGINE_FLAGS,
          "--budget-tokens", "64"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # a process group of its own, as a command in a terminal
     )  # fmt: skip
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
@@ -193,7 +194,8 @@ def test_sigint_keeps_every_written_line_and_a_rerun_resumes(model_path, server,
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the run ended before it could be interrupted"
-    proc.send_signal(signal.SIGINT)
+    # Ctrl-C in a terminal: SIGINT to the whole group, the engine's processes included.
+    os.killpg(proc.pid, signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-2000:]
     assert "run the same command again to resume" in stderr

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -45,6 +46,20 @@ from .scoring import Score
 
 #: Tokens in flight in the engine before more lines are read: enough to keep it busy.
 DEFAULT_BUDGET_TOKENS = 65536
+
+#: Set (by the CLI's SIGINT and SIGTERM handler) to stop a run at its next safe point: between
+#: engine steps and between records, never inside vLLM's own code, which may catch and swallow
+#: an interrupt raised at a random place.
+STOP = threading.Event()
+
+
+class Interrupted(Exception):
+    """A run stopped because `STOP` was set; everything written so far is whole."""
+
+
+def check_stop() -> None:
+    if STOP.is_set():
+        raise Interrupted
 
 
 @dataclass
@@ -363,6 +378,7 @@ def run_engine(
     try:
         more = True
         while more or stream.active:
+            check_stop()
             while more and (stream.tokens_in_flight < budget_tokens or not stream.active):
                 try:
                     n, text = next(lines)
@@ -433,6 +449,7 @@ def run_server(
 
             async def consume() -> None:
                 while (item := await queue.get()) is not None:
+                    check_stop()
                     n, text = item
                     emit(await score_remote(client, name, n, text, details))
 
@@ -493,6 +510,7 @@ def score_file(input_path: Path, output_path: Path, run: Runner) -> int:
 
         def emit(record: dict[str, Any]) -> None:
             progress.update(writer.add(record), scored_tokens(record))
+            check_stop()
 
         try:
             run(done, emit)

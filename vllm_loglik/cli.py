@@ -100,9 +100,14 @@ def run_score(args: list[str]) -> None:
     interrupted = False
 
     def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
+        # The run stops at its next safe point (`batch.STOP`); a second signal stops at once.
+        if batch.STOP.is_set():
+            raise KeyboardInterrupt
+        batch.STOP.set()
 
-    signal.signal(signal.SIGTERM, stop)  # a `kill` stops as Ctrl-C does: nothing written is lost
+    # Ctrl-C, and a `kill`, stop the run between records: nothing written is lost.
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     llm = None
     ray_started = False
     budget = parsed.budget_tokens or batch.DEFAULT_BUDGET_TOKENS
@@ -140,7 +145,14 @@ def run_score(args: list[str]) -> None:
                 batch.run_engine(llm, lines, emit, parsed.details, budget)
 
         failed = batch.score_file(parsed.input, parsed.output, run)
-    except KeyboardInterrupt:
+        interrupted = batch.STOP.is_set()  # stopped during the last line, after its record
+    except (KeyboardInterrupt, batch.Interrupted):
+        interrupted = True
+    except Exception:
+        # Ctrl-C in a terminal reaches the engine's processes too, which shut down: the error
+        # that this raises here is the interrupt's, not the run's.
+        if not batch.STOP.is_set():
+            raise
         interrupted = True
     finally:
         if llm is not None:

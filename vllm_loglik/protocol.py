@@ -103,10 +103,9 @@ def parse_loglikelihood(value: Any) -> LoglikelihoodField:
         err = e.errors()[0]
         # A key is the client's input: quote a short excerpt of it.
         where = ".".join(
-            p if p == "loglikelihood" or p in LoglikelihoodOptions.model_fields
-            else str(p) if isinstance(p, int) else excerpt(p, 32)
+            str(p) if not isinstance(p, str) or len(p) <= 32 else excerpt(p, 32)
             for p in ("loglikelihood", *err["loc"])
-        )  # fmt: skip
+        )
         if err["type"] == "extra_forbidden":
             raise ValueError(
                 f"{where} is not a loglikelihood option (known: continuations, scope, "
