@@ -315,13 +315,16 @@ def test_each_cap_refuses_past_it_and_names_its_variable(guarded):
 
 
 def gauges(server) -> tuple[float, float, float]:
-    """vLLM's running and waiting requests, and the prompt tokens that it has computed."""
+    """vLLM's running and waiting requests, and the prompt tokens that it has computed (not
+    read from the prefix cache)."""
     text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
     values = {"running": 0.0, "waiting": 0.0, "computed": 0.0}
     for line in text.splitlines():
         name = line.split("{", 1)[0]
         key = {"vllm:num_requests_running": "running", "vllm:num_requests_waiting": "waiting",
-               "vllm:prompt_tokens_total": "computed"}.get(name)  # fmt: skip
+               "vllm:prompt_tokens_by_source_total": "computed"}.get(name)  # fmt: skip
+        if key == "computed" and 'source="local_compute"' not in line:
+            continue
         if key:
             values[key] += float(line.rsplit(" ", 1)[1])
     return values["running"], values["waiting"], values["computed"]

@@ -146,3 +146,46 @@ def test_unreadable_output_is_a_500_with_an_error_id_never_a_400(v2_server):
     response = post(v2_server, "/v1/completions", good, key=None)
     assert response.status_code == 200
     assert response.json()["choices"][0]["loglikelihood"][0]["num_tokens"] == 3
+
+
+def test_a_client_leaving_during_the_retry_without_the_cache_aborts_it(v2_server):
+    """900 contexts whose cached outputs cannot be read: the warm-up, the cached attempts, and
+    then the retry of every continuation without the cache. The client leaves once the retry
+    is under way; the engine is idle soon after, and most of the retry is never computed."""
+    import asyncio
+    import time
+
+    from tests.test_hostile import gauges, wait_idle
+
+    contexts = [[1, *BREAK_CACHED] + [10 + (7 * i + 13 * j) % 900 for j in range(100)]
+                for i in range(900)]  # fmt: skip
+    continuations = [" a", " b", " c"]
+    body = {"model": MODEL, "prompt": contexts, "max_tokens": 0,
+            "loglikelihood": {"continuations": continuations, "content": False}}  # fmt: skip
+    warm_up = 900 * 105  # computed once per context
+    retry = 900 * len(continuations) * 107  # the whole of each pair, again
+    start = gauges(v2_server)[2]
+
+    async def leave_during_the_retry() -> float:
+        async with httpx.AsyncClient(base_url=v2_server.url, timeout=300) as client:
+            request = asyncio.create_task(client.post("/v1/completions", json=body))
+            while True:
+                await asyncio.sleep(0.05)
+                assert not request.done(), "the request ended before the retry was under way"
+                computed = gauges(v2_server)[2] - start
+                if computed > warm_up + 45_000:  # past the warm-up and the cached attempts (~30k)
+                    break
+            request.cancel()
+            return computed
+
+    left_at = asyncio.run(leave_during_the_retry())
+    wait_idle(v2_server, within=10)
+    time.sleep(1)
+    done = gauges(v2_server)[2] - start
+    assert done < warm_up + 0.6 * retry, (left_at, done, warm_up + retry)
+    # The next request is served, and correct.
+    good = {"model": MODEL, "prompt": [1, 5, 6, 7], "max_tokens": 0, "loglikelihood": True}
+    response = post(v2_server, "/v1/completions", good, key=None)
+    assert response.status_code == 200
+    print(f"\nretry: left at {left_at:,.0f} computed tokens; {done:,.0f} of "
+          f"{warm_up + retry:,} computed in all")
