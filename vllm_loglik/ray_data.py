@@ -27,7 +27,7 @@ scored: the batch goes on).
 Columns that a row does not use are null in Arrow (a dataset read from files has every column in
 every row); nulls are dropped before the body is read, as if the key were absent.
 
-`vllm-loglik score --ray` runs this on a file: `score_file_ray`.
+`vllm-loglik score --ray` runs this on a file: `run_ray`.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from .batch import DEFAULT_BUDGET_TOKENS, Emit, run_engine
 
 #: The output columns, in order.
 COLUMNS = ("id", "line", "loglikelihood", "error")
-#: Input lines per read task of `score_file_ray`.
+#: Input lines per read task of `run_ray`.
 LINES_PER_SHARD = 1000
 
 
@@ -229,15 +229,8 @@ def run_ray(
             if row["error"] is not None:
                 record["error"] = {k: v for k, v in row["error"].items() if v is not None}
             else:
-                record["loglikelihood"] = [drop_nulls(e, details) for e in row["loglikelihood"]]
+                record["loglikelihood"] = row["loglikelihood"]
             emit(record)
-
-
-def drop_nulls(entry: dict[str, Any], details: bool) -> dict[str, Any]:
-    """An entry read back from Arrow, whose struct type gave every entry every key."""
-    if not details:
-        entry.pop("content", None)
-    return entry
 
 
 def init_ray(
