@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from .engine_requests import EngineRequest, Protocol, score_spans
+from .engine_requests import EngineRequest, Protocol, prefix_block_size, score_spans
 from .jobs import Job, Scorer
 from .protocol import DEFAULT_MAX_CONTINUATIONS, parse_loglikelihood
 from .requests import (
@@ -41,6 +41,7 @@ from .requests import (
     check_continuations,
     completion_jobs,
     completion_prompts,
+    max_continuations_from_env,
 )
 from .scoring import Score
 
@@ -241,8 +242,7 @@ class EngineStream:
 
         self.TokensPrompt = TokensPrompt
         self.engine = llm.llm_engine
-        cache = self.engine.vllm_config.cache_config
-        self.block_size = cache.block_size if cache.enable_prefix_caching else None
+        self.block_size = prefix_block_size(self.engine.vllm_config)
         self.active: dict[int, _Running] = {}
         self.owner: dict[str, tuple[int, int]] = {}  # request id -> (key, slot)
         self.tokens_in_flight = 0
@@ -371,9 +371,7 @@ def run_engine(
     scorer = scorer_for(llm)
     stream = EngineStream(llm)
     works: dict[int, Work] = {}
-    max_continuations = int(
-        os.environ.get("VLLM_LOGLIK_MAX_CONTINUATIONS", DEFAULT_MAX_CONTINUATIONS)
-    )
+    max_continuations = max_continuations_from_env()
 
     try:
         more = True

@@ -51,6 +51,13 @@ class EngineRequest:
 Protocol = Generator[list[EngineRequest], list[Any], list[ScoredRows]]
 
 
+def prefix_block_size(vllm_config: Any) -> int | None:
+    """The engine's KV block size when it has prefix caching on, else None: what
+    `score_spans` takes as `block_size`."""
+    cache = vllm_config.cache_config
+    return cache.block_size if cache.enable_prefix_caching else None
+
+
 def shared_prefix(spans: Sequence[Span], block_size: int | None) -> list[int] | None:
     """The prefix worth caching for `spans`, or None: their common prefix, cut one token before
     the first scored position, if it fills at least one KV block (`block_size`; None when the

@@ -18,7 +18,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .engine_requests import EngineRequest, run_sync, score_spans
+from .engine_requests import EngineRequest, prefix_block_size, run_sync, score_spans
 from .jobs import Job, Scorer, check_top_logprobs
 from .scoring import Score
 
@@ -45,8 +45,7 @@ def run_jobs(llm: Any, jobs: list[Job], top_logprobs: int, use_tqdm: bool) -> li
     spans = [span for job in jobs for span in job.spans]
     if not spans:
         return []
-    cache = llm.llm_engine.vllm_config.cache_config
-    block_size = cache.block_size if cache.enable_prefix_caching else None
+    block_size = prefix_block_size(llm.llm_engine.vllm_config)
 
     def run(batch: list[EngineRequest]) -> list[Any]:
         prompts = [TokensPrompt(prompt_token_ids=r.prompt_token_ids) for r in batch]

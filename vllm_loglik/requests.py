@@ -9,10 +9,11 @@ the two unchanged and give the same numbers. Bad input is a `RequestError` that 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from .jobs import Job, Scorer
-from .protocol import LoglikelihoodOptions
+from .protocol import DEFAULT_MAX_CONTINUATIONS, LoglikelihoodOptions
 from .spans import check_text
 
 
@@ -22,6 +23,26 @@ class RequestError(ValueError):
     def __init__(self, param: str, message: str):
         super().__init__(message)
         self.param = param
+
+
+def env_int(name: str, default: int, low: int = 0, high: int | None = None) -> int:
+    """The integer setting `name` of the environment (`default` when unset), within bounds."""
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+    if value < low or (high is not None and value > high):
+        top = "" if high is None else f" to {high}"
+        raise ValueError(f"{name} must be at least {low}{top}, got {value}")
+    return value
+
+
+def max_continuations_from_env() -> int:
+    """`VLLM_LOGLIK_MAX_CONTINUATIONS`: the cap of the server and of the batch CLI."""
+    return env_int("VLLM_LOGLIK_MAX_CONTINUATIONS", DEFAULT_MAX_CONTINUATIONS, 1)
 
 
 def check_continuations(options: LoglikelihoodOptions, max_continuations: int) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 from starlette.datastructures import State
 
 from ..engine_output import EngineOutputError
-from ..engine_requests import EngineRequest, run_async, score_spans
+from ..engine_requests import EngineRequest, prefix_block_size, run_async, score_spans
 from ..jobs import Job, Scorer
 from ..scoring import Score
 from .limits import Limits
@@ -44,9 +44,7 @@ class ServerScoring:
             chat_template=getattr(chat, "chat_template", None),
         )
         self.limits = Limits.from_env()
-        self.max_continuations = self.limits.max_continuations
-        cache = engine_client.vllm_config.cache_config
-        self.block_size: int | None = cache.block_size if cache.enable_prefix_caching else None
+        self.block_size = prefix_block_size(engine_client.vllm_config)
 
     async def _generate(self, request: EngineRequest) -> Any:
         from vllm.inputs import TokensPrompt

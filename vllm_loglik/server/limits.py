@@ -20,34 +20,19 @@ and `VLLM_MAX_N_SEQUENCES`.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
 from ..jobs import MAX_TOP_LOGPROBS, Job
 from ..protocol import DEFAULT_MAX_CONTINUATIONS
-from ..requests import RequestError
+from ..requests import RequestError, env_int, max_continuations_from_env
 
 
 class TooLarge(RequestError):
     """A request past a cap on its size: HTTP 413."""
 
     status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
-
-
-def _env_int(name: str, default: int, low: int = 0, high: int | None = None) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
-    if value < low or (high is not None and value > high):
-        top = "" if high is None else f" to {high}"
-        raise ValueError(f"{name} must be at least {low}{top}, got {value}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -63,16 +48,16 @@ class Limits:
     def from_env(cls) -> Limits:
         d = cls()
         return cls(
-            max_body_bytes=_env_int("VLLM_LOGLIK_MAX_BODY_BYTES", d.max_body_bytes, 1),
-            max_continuations=_env_int("VLLM_LOGLIK_MAX_CONTINUATIONS", d.max_continuations, 1),
-            max_scored_tokens=_env_int("VLLM_LOGLIK_MAX_SCORED_TOKENS", d.max_scored_tokens, 1),
-            max_rolling_windows=_env_int(
+            max_body_bytes=env_int("VLLM_LOGLIK_MAX_BODY_BYTES", d.max_body_bytes, 1),
+            max_continuations=max_continuations_from_env(),
+            max_scored_tokens=env_int("VLLM_LOGLIK_MAX_SCORED_TOKENS", d.max_scored_tokens, 1),
+            max_rolling_windows=env_int(
                 "VLLM_LOGLIK_MAX_ROLLING_WINDOWS", d.max_rolling_windows, 1
             ),
-            max_top_logprobs=_env_int(
+            max_top_logprobs=env_int(
                 "VLLM_LOGLIK_MAX_TOP_LOGPROBS", d.max_top_logprobs, 0, MAX_TOP_LOGPROBS
             ),
-            max_n=_env_int("VLLM_LOGLIK_MAX_N", d.max_n, 1),
+            max_n=env_int("VLLM_LOGLIK_MAX_N", d.max_n, 1),
         )
 
     def check_request(self, request: Any) -> None:

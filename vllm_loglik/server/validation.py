@@ -37,7 +37,7 @@ def check_common(request: Any, options: LoglikelihoodOptions, scoring: ServerSco
             "loglikelihood cannot be combined with stream: true; send the request without "
             "streaming",
         )
-    check_continuations(options, scoring.max_continuations)
+    check_continuations(options, scoring.limits.max_continuations)
     scoring.limits.check_request(request)
 
 
