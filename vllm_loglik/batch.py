@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from .engine_requests import EngineRequest, Protocol, prefix_block_size, score_spans
+from .engine_requests import score_spans
+from .engine_stream import DEFAULT_BUDGET_TOKENS, EngineStream
 from .jobs import Job, Scorer
 from .protocol import DEFAULT_MAX_CONTINUATIONS, parse_loglikelihood
 from .requests import (
@@ -44,9 +45,6 @@ from .requests import (
     max_continuations_from_env,
 )
 from .scoring import Score
-
-#: Tokens in flight in the engine before more lines are read: enough to keep it busy.
-DEFAULT_BUDGET_TOKENS = 65536
 
 #: Set (by the CLI's SIGINT and SIGTERM handler) to stop a run at its next safe point: between
 #: engine steps and between records, never inside vLLM's own code, which may catch and swallow
@@ -228,95 +226,6 @@ def _ends_with_newline(path: Path) -> bool:
     with open(path, "rb") as f:
         f.seek(-1, os.SEEK_END)
         return f.read(1) == b"\n"
-
-
-# ---------------------------------------------------------------- the engine, in this process
-
-
-class EngineStream:
-    """Runs many `engine_requests` protocols at once on an `LLM`'s engine, with its `step()`
-    loop: each protocol's batch of requests is added as soon as the previous one is done."""
-
-    def __init__(self, llm: Any):
-        from vllm.inputs import TokensPrompt
-
-        self.TokensPrompt = TokensPrompt
-        self.engine = llm.llm_engine
-        self.block_size = prefix_block_size(self.engine.vllm_config)
-        self.active: dict[int, _Running] = {}
-        self.owner: dict[str, tuple[int, int]] = {}  # request id -> (key, slot)
-        self.tokens_in_flight = 0
-
-    def submit(self, key: int, protocol: Protocol, tokens: int) -> list[Any] | None:
-        """Start `protocol`; returns its rows at once if it needs no engine request."""
-        running = _Running(protocol, tokens)
-        try:
-            batch = next(protocol)
-        except StopIteration as stop:
-            return stop.value
-        self._add(key, running, batch)
-        self.active[key] = running
-        self.tokens_in_flight += tokens
-        return None
-
-    def _add(self, key: int, running: _Running, batch: list[EngineRequest]) -> None:
-        running.outputs = [None] * len(batch)
-        running.left = len(batch)
-        added = []
-        try:
-            for slot, request in enumerate(batch):
-                prompt = self.TokensPrompt(prompt_token_ids=request.prompt_token_ids)
-                # Outputs carry the id given here (the engine adds a suffix to its own).
-                self.engine.add_request(request.request_id, prompt, request.params)
-                self.owner[request.request_id] = (key, slot)
-                added.append(request.request_id)
-        except Exception:  # the engine refused a request (e.g. a token id out of range)
-            if added:
-                self.engine.abort_request(added)
-            for rid in added:
-                del self.owner[rid]
-            raise
-
-    def step(self) -> list[tuple[int, list[Any]]]:
-        """One engine step; returns `(key, rows)` of each protocol that finished."""
-        done = []
-        for out in self.engine.step():
-            if not out.finished:
-                continue
-            key, slot = self.owner.pop(out.request_id)
-            running = self.active[key]
-            running.outputs[slot] = out
-            running.left -= 1
-            if running.left:
-                continue
-            try:
-                batch = running.protocol.send(running.outputs)
-                self._add(key, running, batch)
-            except StopIteration as stop:
-                self._end(key, running)
-                done.append((key, stop.value))
-            except Exception as e:  # an output that cannot be read: this line's error
-                self._end(key, running)
-                done.append((key, e))
-        return done
-
-    def _end(self, key: int, running: _Running) -> None:
-        del self.active[key]
-        self.tokens_in_flight -= running.tokens
-
-    def abort(self) -> None:
-        if self.owner:
-            self.engine.abort_request(list(self.owner))
-        self.owner.clear()
-        self.active.clear()
-
-
-@dataclass
-class _Running:
-    protocol: Protocol
-    tokens: int
-    outputs: list[Any] = field(default_factory=list)
-    left: int = 0
 
 
 # ---------------------------------------------------------------- the two runners

@@ -234,3 +234,7 @@ class VLLMLoglikChat(_ScoringMixin, LocalChatCompletion):
         raise NotImplementedError(
             "rolling loglikelihood is scored through /v1/completions: use --model vllm-loglik"
         )
+
+
+# The in-process model, `vllm-loglik-offline` (it imports vLLM only when it is built).
+from . import harness_offline  # noqa: E402, F401
