@@ -20,12 +20,23 @@ on the Python standard library's source, bf16) in `.cache/bench-model`, then mea
 8. lm-eval: the wall time of lm-eval's CLI on a 4-choice task with long contexts, the
    `vllm-loglik` model against lm-eval's `local-completions`, on the same server;
 9. batch: scored tokens per second of `vllm-loglik score`'s engine loop on 2,000 mixed lines,
-   against the offline API called once on the same jobs.
+   against the offline API called once on the same jobs;
+10. lm-eval in process: `simple_evaluate` on a 4-choice task with 1,000-token contexts,
+    `--model vllm-loglik-offline` against lm-eval's own `--model vllm`, the same model and
+    `--model_args`, each in a process of its own, timed after the model is built and warmed
+    up on other questions;
+11. the same on a rolling (perplexity) task of long documents.
 
 Rows 1-3 and 6 run twice: with vLLM's CPU default of one core reserved for the front-end
 (`VLLM_CPU_NUM_OF_RESERVED_CPU=1`), and with none (`=0`). Rows 4 and 5 use the setting that
 `RESERVED` names, and so do rows 7 and 8. Row 4 runs twice: with the CPU default KV block of 128
 tokens, and with 32. Prefix caching is off except in row 4, where the cache is the thing measured.
+Every row runs in the dtype that the CPU runs natively: bfloat16 where the CPU has
+`avx512_bf16` or `amx_bf16`, else float32 (bf16 is emulated there, hundreds of times slower,
+and a ratio would measure the emulation); the JSON records the dtype and the CPU's model and
+flags. `--only KEY[,KEY]` re-runs some rows (keys of the JSON: `offline`, `server`,
+`multiple_choice`, `offline_multiple_choice`, `batch`, `lm_eval`, `lm_eval_offline`) and keeps
+the others' figures from the existing JSON.
 Prints a markdown table and writes the figures as JSON (`bench/latest.json`, or `--json PATH`).
 `--smoke` runs the same code on the tiny test model with a few prompts, to keep this script
 working (`make test` runs it); its figures mean nothing.
@@ -72,6 +83,9 @@ class Size:
     offline_questions: int = 16  # row 7
     lm_eval_questions: int = 32  # row 8
     batch_lines: int = 2000  # row 9
+    lm_offline_questions: int = 32  # row 10
+    rolling_docs: int = 8  # row 11: documents of `rolling_doc_len` tokens
+    rolling_doc_len: int = 4000
     clients: int = 4
 
 
@@ -80,7 +94,26 @@ RESERVED = 0
 # Full: vLLM's CPU default of 1 reserved core, and 0; the CPU default KV block of 128 tokens,
 # and 32, the smallest that the CPU attention takes. Smoke: one of each, to stay quick.
 FULL = Size("full", 32, 512, 64, 1000, 5, 8000, 2, (1, 0), (128, 32))
-SMOKE = Size("smoke", 4, 64, 3, 300, 5, 400, 1, (RESERVED,), (32,), 2, 3, 25)
+SMOKE = Size("smoke", 4, 64, 3, 300, 5, 400, 1, (RESERVED,), (32,), 2, 3, 25, 3, 2, 300)
+
+
+def cpu_info() -> dict:
+    """The CPU's model name and the flags that decide the native dtype and the kernels."""
+    model, flags = "unknown", set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni")
+    return {"model": model, "flags": [f for f in wanted if f in flags], "cores": os.cpu_count()}
+
+
+def native_dtype(cpu: dict) -> str:
+    """bfloat16 where the CPU computes it natively, else float32 (see the module docstring)."""
+    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(cpu["flags"]) else "float32"
 
 
 def stdlib_text(limit_bytes: int) -> str:
@@ -505,6 +538,105 @@ def lm_eval_row(model: str, dtype: str, size: Size) -> dict:
     return out
 
 
+LM_EVAL_ROLLING_TASK = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: text
+metric_list:
+  - metric: word_perplexity
+  - metric: bits_per_byte
+"""
+
+#: lm-eval's name of each side of rows 10 and 11.
+IN_PROCESS_MODELS = {"ours": "vllm-loglik-offline", "vllm": "vllm"}
+
+
+def lm_eval_offline_tasks(model: str, size: Size) -> Path:
+    """The tasks of rows 10 and 11 and their warm-ups (other questions, another document)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    folder = ROOT / ".cache" / f"bench-lm-eval-offline-{size.name}"
+    folder.mkdir(parents=True, exist_ok=True)
+    text = tok.decode(token_prompts(model, 1, (size.rolling_docs + 1) * size.rolling_doc_len, 6)[0][1:])
+    ids = tok.encode(text, add_special_tokens=False)
+    docs = [tok.decode(ids[i * size.rolling_doc_len : (i + 1) * size.rolling_doc_len])
+            for i in range(size.rolling_docs + 1)]  # fmt: skip
+    for name, items, documents in (
+        ("bench_offline_mc", questions(model, size, size.lm_offline_questions, seed=7), docs[1:]),
+        ("bench_warm_mc", questions(model, size, 2, seed=8), docs[:1]),
+    ):
+        with open(folder / f"{name}.jsonl", "w") as f:
+            for q, (ctx, conts) in enumerate(items):
+                doc = {"question": tok.decode(ctx[1:]), "choices": conts, "answer": q % 4}
+                f.write(json.dumps(doc) + "\n")
+        (folder / f"{name}.yaml").write_text(
+            LM_EVAL_TASK.replace("bench_mc", name).format(data=folder / f"{name}.jsonl")
+        )
+        rolling = name.replace("_mc", "_rolling")
+        with open(folder / f"{rolling}.jsonl", "w") as f:
+            for document in documents:
+                f.write(json.dumps({"text": document}) + "\n")
+        (folder / f"{rolling}.yaml").write_text(
+            LM_EVAL_ROLLING_TASK.format(name=rolling, data=folder / f"{rolling}.jsonl")
+        )
+    return folder
+
+
+def lm_eval_in_process(model: str, size: Size, dtype: str, side: str) -> dict:
+    """One side of rows 10 and 11, in a child process: build the lm-eval model, warm it up on
+    the warm-up tasks, then time `simple_evaluate` on each task."""
+    import lm_eval
+    from lm_eval.api.registry import get_model
+    from lm_eval.tasks import TaskManager
+
+    if side == "ours":
+        import vllm_loglik.harness  # noqa: F401  (registers vllm-loglik-offline)
+    folder = ROOT / ".cache" / f"bench-lm-eval-offline-{size.name}"
+    args = (f"pretrained={model},dtype={dtype},max_model_len={size.context_len + 64},"
+            "enforce_eager=True,block_size=32,seed=0")  # fmt: skip
+    lm = get_model(IN_PROCESS_MODELS[side]).create_from_arg_string(args, {"batch_size": "auto"})
+    tasks = TaskManager(include_path=str(folder))
+
+    def evaluate(task: str) -> dict:
+        return lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=tasks, log_samples=True)
+
+    evaluate("bench_warm_mc")
+    evaluate("bench_warm_rolling")
+    out: dict = {}
+    for task in ("bench_offline_mc", "bench_offline_rolling"):
+        start = time.perf_counter()
+        result = evaluate(task)
+        out[task] = {"seconds": time.perf_counter() - start,
+                     "metrics": {k: v for k, v in result["results"][task].items()
+                                 if isinstance(v, float)},
+                     "loglikelihoods": [float(r[0]) if isinstance(r, (list, tuple)) else float(r)
+                                        for s in result["samples"][task]
+                                        for r in s["filtered_resps"]]}  # fmt: skip
+    return out
+
+
+def lm_eval_offline_rows(model: str, size: Size, dtype: str, smoke: bool) -> dict:
+    """Rows 10 and 11: each side in a process of its own (no engine of ours beside lm-eval's),
+    lm-eval's first; lm-eval's `vllm` model gets a `vllm` dist-info on the CPU build."""
+    from vllm_loglik.testing import lm_eval_vllm_env
+
+    lm_eval_offline_tasks(model, size)
+    env = lm_eval_vllm_env(ROOT / ".cache" / "bench-vllm-dist")
+    vllm = offline_child(smoke, size, RESERVED, "lm_vllm", env)
+    ours = offline_child(smoke, size, RESERVED, "lm_ours")
+    out: dict = {"vllm": vllm, "ours": ours}
+    for task in ("bench_offline_mc", "bench_offline_rolling"):
+        a, b = ours[task]["loglikelihoods"], vllm[task]["loglikelihoods"]
+        out[f"{task}_max_abs_diff"] = max(abs(x - y) for x, y in zip(a, b, strict=True))
+    return out
+
+
 def peak_rss(pid: int, fn) -> tuple[float, float]:
     """Peak RSS (GiB) of `pid` and its children while `fn` runs, and the baseline before it."""
     import psutil
@@ -568,68 +700,93 @@ def ratio(a: float, b: float) -> float:
 
 
 def table(r: dict, size: Size) -> str:
-    mc, mem = r["multiple_choice"], r["memory"]
-    long, short = mem["long"], mem["short"]
-    vocab_bytes = long["tokens"] * 32000 * 4 / 2**30
+    """The markdown table of every row whose figures `r` holds."""
     rows = []
-    for reserved in size.settings:
-        srv, off = r["server"][str(reserved)], r["offline"][str(reserved)]
-        wall, us = srv["wall"], srv["frontend_us"]
-        setting = f"{reserved} reserved"
-        rows += [
-            ("1. server: `loglikelihood` vs native `prompt_logprobs=0`", setting,
-             wall["ours"] / wall["native"], "≤ 0.8×",
-             f"{wall['ours']:.2f} s vs {wall['native']:.2f} s"),
-            ("2. server: `loglikelihood` vs plain prefill", setting, wall["ours"] / wall["plain"],
-             "≤ 1.7×", f"{wall['ours']:.2f} s vs {wall['plain']:.2f} s"),
-            ("3. offline: speed-up over transformers", setting,
-             off["transformers"] / off["ours"], "≥ 1.0×",
-             f"transformers {off['transformers']:.2f} s, ours {off['ours']:.2f} s (vLLM: native "
-             f"prompt logprobs {off['native']:.2f} s, plain prefill {off['prefill']:.2f} s)"),
-            ("6. front-end CPU per position, k = 0: plugin vs native", setting,
-             ratio(us["ours"], us["native"]), "≤ 0.3×",
-             f"{us['ours']:.1f} µs vs {us['native']:.1f} µs (plain prefill {us['plain']:.1f} µs)"),
-            ("6. front-end CPU per position, k = 5: plugin vs native", setting,
-             ratio(us["ours_top5"], us["native_top5"]), "≤ 0.3×",
-             f"{us['ours_top5']:.1f} µs vs {us['native_top5']:.1f} µs"),
-        ]  # fmt: skip
-    for block_size, t in mc["ours"].items():
+    if "server" in r and "offline" in r:
+        for reserved in size.settings:
+            srv, off = r["server"][str(reserved)], r["offline"][str(reserved)]
+            wall, us = srv["wall"], srv["frontend_us"]
+            setting = f"{reserved} reserved"
+            rows += [
+                ("1. server: `loglikelihood` vs native `prompt_logprobs=0`", setting,
+                 wall["ours"] / wall["native"], "≤ 0.8×",
+                 f"{wall['ours']:.2f} s vs {wall['native']:.2f} s"),
+                ("2. server: `loglikelihood` vs plain prefill", setting, wall["ours"] / wall["plain"],
+                 "≤ 1.7×", f"{wall['ours']:.2f} s vs {wall['plain']:.2f} s"),
+                ("3. offline: speed-up over transformers", setting,
+                 off["transformers"] / off["ours"], "≥ 1.0×",
+                 f"transformers {off['transformers']:.2f} s, ours {off['ours']:.2f} s (vLLM: native "
+                 f"prompt logprobs {off['native']:.2f} s, plain prefill {off['prefill']:.2f} s)"),
+                ("6. front-end CPU per position, k = 0: plugin vs native", setting,
+                 ratio(us["ours"], us["native"]), "≤ 0.3×",
+                 f"{us['ours']:.1f} µs vs {us['native']:.1f} µs (plain prefill {us['plain']:.1f} µs)"),
+                ("6. front-end CPU per position, k = 5: plugin vs native", setting,
+                 ratio(us["ours_top5"], us["native_top5"]), "≤ 0.3×",
+                 f"{us['ours_top5']:.1f} µs vs {us['native_top5']:.1f} µs"),
+            ]  # fmt: skip
+    if "multiple_choice" in r:
+        mc = r["multiple_choice"]
+        for block_size, t in mc["ours"].items():
+            rows.append(
+                ("4. multiple choice: speed-up over one prompt per pair",
+                 f"{RESERVED} reserved, block {block_size}", mc["native"] / t, "≥ 4.5×",
+                 f"{mc['native']:.2f} s vs {t:.2f} s, largest difference {mc['max_abs_diff']:.1e}")
+            )  # fmt: skip
+    if "memory" in r:
+        long, short = r["memory"]["long"], r["memory"]["short"]
+        vocab_bytes = long["tokens"] * 32000 * 4 / 2**30
         rows.append(
-            ("4. multiple choice: speed-up over one prompt per pair",
-             f"{RESERVED} reserved, block {block_size}", mc["native"] / t, "≥ 4.5×",
-             f"{mc['native']:.2f} s vs {t:.2f} s, largest difference {mc['max_abs_diff']:.1e}")
+            ("5. memory: peak RSS, scoring vs plain prefill", f"{RESERVED} reserved",
+             long["ours_peak_gib"] / long["plain_peak_gib"], "no len × vocab growth",
+             f"{long['tokens']} tokens: {long['ours_peak_gib']:.2f} GiB vs {long['plain_peak_gib']:.2f}"
+             f" GiB, growth {long['ours_growth_gib']:.2f} vs {long['plain_growth_gib']:.2f} GiB; "
+             f"{short['tokens']} tokens: growth {short['ours_growth_gib']:.2f} vs "
+             f"{short['plain_growth_gib']:.2f} GiB (len × vocab × 4 B at {long['tokens']}: "
+             f"{vocab_bytes:.2f} GiB)")
         )  # fmt: skip
-    rows.append(
-        ("5. memory: peak RSS, scoring vs plain prefill", f"{RESERVED} reserved",
-         long["ours_peak_gib"] / long["plain_peak_gib"], "no len × vocab growth",
-         f"{long['tokens']} tokens: {long['ours_peak_gib']:.2f} GiB vs {long['plain_peak_gib']:.2f}"
-         f" GiB, growth {long['ours_growth_gib']:.2f} vs {long['plain_growth_gib']:.2f} GiB; "
-         f"{short['tokens']} tokens: growth {short['ours_growth_gib']:.2f} vs "
-         f"{short['plain_growth_gib']:.2f} GiB (len × vocab × 4 B at {long['tokens']}: "
-         f"{vocab_bytes:.2f} GiB)")
-    )  # fmt: skip
-    omc, lm = r["offline_multiple_choice"], r["lm_eval"]
-    rows.append(
-        ("7. offline multiple choice: speed-up over one prompt per pair",
-         f"{RESERVED} reserved, block 32", omc["native"] / omc["ours"], "≥ 4×",
-         f"{omc['native']:.2f} s vs {omc['ours']:.2f} s ({size.offline_questions} questions × 4 "
-         f"continuations, {size.context_len}-token contexts)")
-    )  # fmt: skip
-    rows.append(
-        ("8. lm-eval: `vllm-loglik` vs `local-completions`, same server",
-         f"{RESERVED} reserved, block 32", lm["local_completions"] / lm["ours"], "≥ 3×",
-         f"{lm['local_completions']:.1f} s vs {lm['ours']:.1f} s ({size.lm_eval_questions} "
-         f"questions, {size.context_len}-token contexts; acc {lm['local_completions_acc']:.3f} vs "
-         f"{lm['ours_acc']:.3f})")
-    )  # fmt: skip
-    b = r["batch"]
-    rows.append(
-        ("9. batch CLI: tokens/s vs the offline API in one call", f"{RESERVED} reserved, block 32",
-         b["tool_tok_s"] / b["offline_tok_s"], "≥ 0.95×",
-         f"{b['tool_tok_s']:,.0f} vs {b['offline_tok_s']:,.0f} tokens/s ({b['lines']} mixed lines, "
-         f"{b['tokens']:,} scored tokens)")
-    )  # fmt: skip
-    rows.sort(key=lambda row: row[0][:2])  # by row number; settings in measured order
+    if "offline_multiple_choice" in r:
+        omc = r["offline_multiple_choice"]
+        rows.append(
+            ("7. offline multiple choice: speed-up over one prompt per pair",
+             f"{RESERVED} reserved, block 32", omc["native"] / omc["ours"], "≥ 4×",
+             f"{omc['native']:.2f} s vs {omc['ours']:.2f} s ({size.offline_questions} questions × 4 "
+             f"continuations, {size.context_len}-token contexts)")
+        )  # fmt: skip
+    if "lm_eval" in r:
+        lm = r["lm_eval"]
+        rows.append(
+            ("8. lm-eval: `vllm-loglik` vs `local-completions`, same server",
+             f"{RESERVED} reserved, block 32", lm["local_completions"] / lm["ours"], "≥ 3×",
+             f"{lm['local_completions']:.1f} s vs {lm['ours']:.1f} s ({size.lm_eval_questions} "
+             f"questions, {size.context_len}-token contexts; acc {lm['local_completions_acc']:.3f} vs "
+             f"{lm['ours_acc']:.3f})")
+        )  # fmt: skip
+    if "batch" in r:
+        b = r["batch"]
+        rows.append(
+            ("9. batch CLI: tokens/s vs the offline API in one call", f"{RESERVED} reserved, block 32",
+             b["tool_tok_s"] / b["offline_tok_s"], "≥ 0.95×",
+             f"{b['tool_tok_s']:,.0f} vs {b['offline_tok_s']:,.0f} tokens/s ({b['lines']} mixed lines, "
+             f"{b['tokens']:,} scored tokens)")
+        )  # fmt: skip
+    if "lm_eval_offline" in r:
+        lo = r["lm_eval_offline"]
+        for task, number, goal, what, metric in (
+            ("bench_offline_mc", 10, "≥ 4×", f"{size.lm_offline_questions} questions × 4 choices, "
+             f"{size.context_len}-token contexts", "acc"),
+            ("bench_offline_rolling", 11, "≥ 1.0×", f"{size.rolling_docs} documents of "
+             f"{size.rolling_doc_len} tokens, windows of {size.context_len + 62}", "word_perplexity"),
+        ):  # fmt: skip
+            theirs, ours = lo["vllm"][task], lo["ours"][task]
+            kind = "multiple choice" if number == 10 else "rolling"
+            rows.append(
+                (f"{number}. lm-eval in process, {kind}: `vllm-loglik-offline` vs `--model vllm`",
+                 f"{RESERVED} reserved, block 32", theirs["seconds"] / ours["seconds"], goal,
+                 f"{theirs['seconds']:.1f} s vs {ours['seconds']:.1f} s ({what}; {metric} "
+                 f"{theirs['metrics'][metric + ',none']:.4g} vs {ours['metrics'][metric + ',none']:.4g},"
+                 f" largest difference {lo[task + '_max_abs_diff']:.1e})")
+            )  # fmt: skip
+    rows.sort(key=lambda row: int(row[0].split(".")[0]))  # by row number; settings in order
     lines = [
         "| row | CPU setting | ratio | goal | measured |",
         "| --- | --- | --- | --- | --- |",
@@ -638,14 +795,17 @@ def table(r: dict, size: Size) -> str:
     return "\n".join(lines)
 
 
-def offline_child(smoke: bool, size: Size, reserved: int, kind: str = "rows") -> dict:
-    """Row 3 (`kind` "rows") or row 7 ("mc") in a process of its own, so that its engine is
-    gone before the next one."""
+def offline_child(
+    smoke: bool, size: Size, reserved: int, kind: str = "rows", env: dict | None = None
+) -> dict:
+    """Row 3 (`kind` "rows"), row 7 ("mc"), row 9 ("batch") or one side of rows 10 and 11
+    ("lm_ours", "lm_vllm") in a process of its own, so that its engine is gone before the
+    next one; `env` is added to its environment."""
     out = ROOT / ".cache" / f"bench-offline-{kind}-{size.name}-{reserved}.json"
     cmd = [sys.executable, __file__, "--offline-child", kind, "--json", str(out)]
     out.unlink(missing_ok=True)
     log_path = ROOT / ".cache" / f"bench-offline-{kind}-{size.name}-{reserved}.log"
-    env = dict(os.environ, **reserved_env(reserved))
+    env = dict(os.environ, **reserved_env(reserved), **(env or {}))
     with open(log_path, "w") as log:  # a file, not a pipe: vLLM's helpers outlive the child
         child = subprocess.Popen(
             cmd + (["--smoke"] if smoke else []), stdout=log, stderr=log, env=env,
@@ -664,45 +824,80 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny model, few prompts")
     parser.add_argument("--json", type=Path, help="where to write the figures")
-    parser.add_argument("--offline-child", choices=["rows", "mc", "batch"], help=argparse.SUPPRESS)
+    parser.add_argument("--only", help="re-run these rows (JSON keys, comma-separated)")
+    parser.add_argument(
+        "--offline-child", choices=["rows", "mc", "batch", "lm_ours", "lm_vllm"],
+        help=argparse.SUPPRESS,
+    )  # fmt: skip
     args = parser.parse_args()
     size = SMOKE if args.smoke else FULL
-    dtype = "float32" if args.smoke else "bfloat16"
+    cpu = cpu_info()
+    # The smoke run checks numbers to 1e-4, which needs float32; its timings mean nothing.
+    dtype = "float32" if args.smoke else native_dtype(cpu)
     model = build(size)
 
     if args.offline_child:  # runs in its own process, so its engine is gone before the server's
-        rows = {"rows": offline_rows, "mc": offline_multiple_choice, "batch": offline_batch}[
-            args.offline_child
-        ]
-        args.json.write_text(json.dumps(rows(model, size, dtype)))
+        kind = args.offline_child
+        if kind.startswith("lm_"):
+            figures = lm_eval_in_process(model, size, dtype, kind.removeprefix("lm_"))
+        else:
+            rows = {"rows": offline_rows, "mc": offline_multiple_choice, "batch": offline_batch}
+            figures = rows[kind](model, size, dtype)
+        args.json.write_text(json.dumps(figures))
         sys.stdout.flush()
         os._exit(0)  # skip the engine's teardown, which can abort the process at exit
 
-    results: dict = {"size": size.name, "offline": {}, "server": {}}
-    for reserved in size.settings:
-        results["offline"][str(reserved)] = offline_child(args.smoke, size, reserved)
-    for reserved in size.settings:
-        max_len = max(size.memory_len, size.prompt_len) + 16
-        with serve(model, dtype, max_len, False, 8301, reserved) as server:
-            results["server"][str(reserved)] = server_rows(server, model, size)
-            if reserved == RESERVED:
-                results["memory"] = memory_row(server, model, size)
-    results["multiple_choice"] = multiple_choice(model, dtype, size)
-    results["offline_multiple_choice"] = offline_child(args.smoke, size, RESERVED, "mc")
-    results["batch"] = offline_child(args.smoke, size, RESERVED, "batch")
-    results["lm_eval"] = lm_eval_row(model, dtype, size)
+    out = args.json or (ROOT / "bench" / ("latest.json" if size.name == "full" else "smoke.json"))
+    keys = ["offline", "server", "multiple_choice", "offline_multiple_choice", "batch",
+            "lm_eval", "lm_eval_offline"]  # fmt: skip
+    only = keys if args.only is None else args.only.split(",")
+    if set(only) - set(keys):
+        sys.exit(f"--only takes {', '.join(keys)}")
+    results: dict = json.loads(out.read_text()) if args.only and out.exists() else {}
+    results["size"] = size.name
+    # Where and in which dtype each row was measured (rows measured before this was recorded
+    # keep no entry).
+    where = results.setdefault("measured_on", {})
+    for key in only:
+        where[key] = {"cpu": cpu, "dtype": dtype}
+    if "offline" in only:
+        results["offline"] = {
+            str(reserved): offline_child(args.smoke, size, reserved) for reserved in size.settings
+        }
+    if "server" in only:
+        results["server"] = {}
+        for reserved in size.settings:
+            max_len = max(size.memory_len, size.prompt_len) + 16
+            with serve(model, dtype, max_len, False, 8301, reserved) as server:
+                results["server"][str(reserved)] = server_rows(server, model, size)
+                if reserved == RESERVED:
+                    results["memory"] = memory_row(server, model, size)
+    if "multiple_choice" in only:
+        results["multiple_choice"] = multiple_choice(model, dtype, size)
+    if "offline_multiple_choice" in only:
+        results["offline_multiple_choice"] = offline_child(args.smoke, size, RESERVED, "mc")
+    if "batch" in only:
+        results["batch"] = offline_child(args.smoke, size, RESERVED, "batch")
+    if "lm_eval" in only:
+        results["lm_eval"] = lm_eval_row(model, dtype, size)
+    if "lm_eval_offline" in only:
+        results["lm_eval_offline"] = lm_eval_offline_rows(model, size, dtype, args.smoke)
 
     text = table(results, size)
     results["table"] = text
-    out = args.json or (ROOT / "bench" / ("latest.json" if size.name == "full" else "smoke.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(text)
     print(f"\nfigures written to {out}")
     # In float32 (the smoke run) the two paths must agree to 1e-4, as the tests require; in
     # bf16 batch composition changes rounding, so the figure is reported, not checked.
-    if dtype == "float32" and results["multiple_choice"]["max_abs_diff"] > 1e-4:
-        sys.exit("FAIL: the multiple-choice path disagrees with per-pair scoring")
+    if dtype == "float32" and "multiple_choice" in only:
+        if results["multiple_choice"]["max_abs_diff"] > 1e-4:
+            sys.exit("FAIL: the multiple-choice path disagrees with per-pair scoring")
+    if dtype == "float32" and "lm_eval_offline" in only:
+        lo = results["lm_eval_offline"]
+        if max(lo["bench_offline_mc_max_abs_diff"], lo["bench_offline_rolling_max_abs_diff"]) > 1e-4:
+            sys.exit("FAIL: vllm-loglik-offline disagrees with lm-eval's vllm model")
 
 
 if __name__ == "__main__":

@@ -16,11 +16,12 @@ detection on the CPU). Our model needs none of this.
 
 from __future__ import annotations
 
-import importlib.metadata
 import re
 from pathlib import Path
 
 import pytest
+
+from vllm_loglik.testing import lm_eval_vllm_env
 
 from .conftest import MAX_MODEL_LEN
 from .test_lm_eval import assert_metrics, greedy, lm_eval, loglikelihoods
@@ -46,19 +47,7 @@ def model_args(model_path: str, extra: str = "") -> str:
 @pytest.fixture(scope="module")
 def vllm_dist_env(tmp_path_factory) -> dict[str, str]:
     """The environment in which lm-eval's own `vllm` model imports on the CPU build."""
-    try:
-        importlib.metadata.version("vllm")
-        return {}  # the stock `vllm` distribution: nothing to give
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    import vllm
-
-    version = vllm.__version__.split("+")[0]
-    folder = tmp_path_factory.mktemp("vllm-dist")
-    info = folder / f"vllm-{version}+cpu.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}+cpu\n")
-    return {"PYTHONPATH": str(folder), "VLLM_TARGET_DEVICE": "cpu"}
+    return lm_eval_vllm_env(tmp_path_factory.mktemp("vllm-dist"))
 
 
 def run(model: str, args: str, tasks: str, out: Path, extra: list[str] | None = None,

