@@ -795,6 +795,20 @@ def table(r: dict, size: Size) -> str:
     return "\n".join(lines)
 
 
+#: The performance page's table sits between these lines (`tests/test_docs.py` checks it).
+DOCS_TABLE = ROOT / "docs" / "performance.md"
+TABLE_START = "<!-- bench table: written by bench/run.py from bench/latest.json; do not edit -->"
+TABLE_END = "<!-- end of bench table -->"
+
+
+def write_docs_table(text: str) -> None:
+    """Put the table of `bench/latest.json` into `docs/performance.md`."""
+    page = DOCS_TABLE.read_text()
+    head, _, rest = page.partition(TABLE_START + "\n")
+    _, _, tail = rest.partition(TABLE_END)
+    DOCS_TABLE.write_text(f"{head}{TABLE_START}\n{text}\n{TABLE_END}{tail}")
+
+
 def offline_child(
     smoke: bool, size: Size, reserved: int, kind: str = "rows", env: dict | None = None
 ) -> dict:
@@ -887,6 +901,8 @@ def main() -> None:
     results["table"] = text
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
+    if out == ROOT / "bench" / "latest.json":
+        write_docs_table(text)
     print(text)
     print(f"\nfigures written to {out}")
     # In float32 (the smoke run) the two paths must agree to 1e-4, as the tests require; in

@@ -6,6 +6,7 @@ Engines take 20-30 s to start on the CPU, so each is built once per test session
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -42,6 +43,12 @@ def llm(model_path):
         # Prefix caching is on (vLLM's default), with small KV blocks as on the test server, so
         # that the offline API's shared-context path runs wherever a context fills a block.
         block_size=32,
+        # LoRA adapters can be given per call (`lora_request=`, tests/test_lora.py); the base
+        # model's numbers are checked against transformers everywhere else with this on.
+        enable_lora=True,
+        max_lora_rank=8,
+        max_loras=2,
+        lora_target_modules=LORA_TARGETS,
     )
     yield engine
     # Stop the engine here: left to the interpreter's exit, its teardown can abort the process.
@@ -88,7 +95,14 @@ class Server(ApiServer):
     """The demo model behind a real server, with the test settings and an `openai` client."""
 
     def __init__(
-        self, model: str, log_path, plugin: bool, api_key: str | None, env: dict | None = None
+        self,
+        model: str,
+        log_path,
+        plugin: bool,
+        api_key: str | None,
+        env: dict | None = None,
+        extra_args: list[str] | None = None,
+        vllm_serve: bool = False,
     ):
         args = [
             "--served-model-name", "tiny", "--dtype", "float32",
@@ -99,8 +113,11 @@ class Server(ApiServer):
         ]  # fmt: skip
         if api_key:
             args += ["--api-key", api_key]
+        args += extra_args or []
         self.api_key = api_key
-        super().__init__(model, args, log_path, plugin=plugin, timeout=240, env=env)
+        super().__init__(
+            model, args, log_path, plugin=plugin, timeout=240, env=env, vllm_serve=vllm_serve
+        )
 
     def client(self):
         import openai
@@ -108,9 +125,39 @@ class Server(ApiServer):
         return openai.OpenAI(base_url=self.url + "/v1", api_key=self.api_key or "none")
 
 
+#: Two LoRA adapters of the demo model, served by the LoRA server and the V2-layout server.
+ADAPTERS = {"adapter-a": 1, "adapter-b": 2}
+
+
 @pytest.fixture(scope="session")
-def server(model_path, tmp_path_factory):
-    srv = Server(model_path, tmp_path_factory.mktemp("logs") / "server.log", True, API_KEY)
+def lora_paths(model_path, tmp_path_factory) -> dict[str, str]:
+    """Random LoRA adapters of the demo model, built with peft (each seeded differently)."""
+    from vllm_loglik.testing import build_lora_adapter
+
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        name: str(build_lora_adapter(model_path, root / name, seed=seed))
+        for name, seed in ADAPTERS.items()
+    }
+
+
+#: The modules that the test adapters train. LoRA is put on these only, not on the output layer
+#: (see `vllm_loglik.engine_requests.lora_scoring_problem`).
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lora_args(lora_paths: dict[str, str]) -> list[str]:
+    """`vllm serve` flags that serve the adapters next to the base model."""
+    modules = [f"{name}={path}" for name, path in lora_paths.items()]
+    return ["--enable-lora", "--max-lora-rank", "8", "--max-loras", "2",
+            "--lora-target-modules", *LORA_TARGETS, "--lora-modules", *modules]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def server(model_path, lora_paths, tmp_path_factory):
+    """The demo model with the plugin, serving two LoRA adapters next to it."""
+    log = tmp_path_factory.mktemp("logs") / "server.log"
+    srv = Server(model_path, log, True, API_KEY, extra_args=lora_args(lora_paths))
     yield srv
     srv.stop()
 
@@ -119,5 +166,25 @@ def server(model_path, tmp_path_factory):
 def stock_server(model_path, tmp_path_factory):
     """The same server without VLLM_PLUGINS: stock vLLM behaviour."""
     srv = Server(model_path, tmp_path_factory.mktemp("logs") / "stock.log", False, None)
+    yield srv
+    srv.stop()
+
+
+HOOK_DIR = Path(__file__).parent / "v2_layout"
+
+
+@pytest.fixture(scope="session")
+def v2_server(model_path, lora_paths, tmp_path_factory):
+    """A server whose engine outputs reach the plugin in the V2 model runner's layout
+    (`tests/test_v2_layout.py`), serving the LoRA adapters too."""
+    logs = tmp_path_factory.mktemp("v2-logs")
+    rewrites = logs / "rewrites.txt"
+    rewrites.touch()
+    env = {"PYTHONPATH": str(HOOK_DIR), "VLLM_LOGLIK_V2_LAYOUT_LOG": str(rewrites),
+           # Adapters may be loaded at run time too (/v1/load_lora_adapter).
+           "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}  # fmt: skip
+    args = lora_args(lora_paths)
+    srv = Server(model_path, logs / "server.log", True, None, env=env, extra_args=args)
+    srv.rewrites = rewrites
     yield srv
     srv.stop()

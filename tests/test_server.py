@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import httpx
 import openai
@@ -540,6 +541,21 @@ def metric_total(server, name: str) -> float:
     return sum(
         float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name)
     )
+
+
+def metric(server, name: str, **labels: str) -> float:
+    """The sum of the samples of the Prometheus metric `name` on the server's `/metrics`
+    whose labels include `labels` (in any order: a multi-process registry sorts them)."""
+    total = 0.0
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        head, value = line.rsplit(" ", 1)
+        sample, _, rest = head.partition("{")
+        found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', rest))
+        if sample == name and all(found.get(k) == v for k, v in labels.items()):
+            total += float(value)
+    return total
 
 
 def prefix_cache_hits(server) -> float:

@@ -10,7 +10,6 @@ shared-context path must give the uncached numbers from the cached rows, without
 from __future__ import annotations
 
 import concurrent.futures
-from pathlib import Path
 
 import httpx
 import pytest
@@ -22,26 +21,13 @@ from tests.test_server import (
     MODEL,
     OPTIONS,
     assert_same,
+    metric,
     metric_total,
     post,
     prefix_cache_hits,
 )
+from vllm_loglik.engine_output import UNREADABLE_REASONS
 from vllm_loglik.protocol import LoglikelihoodEntry, entries
-
-HOOK_DIR = Path(__file__).parent / "v2_layout"
-
-
-@pytest.fixture(scope="session")
-def v2_server(model_path, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("v2-logs")
-    rewrites = logs / "rewrites.txt"
-    rewrites.touch()
-    env = {"PYTHONPATH": str(HOOK_DIR), "VLLM_LOGLIK_V2_LAYOUT_LOG": str(rewrites)}
-    srv = Server(model_path, logs / "server.log", True, None, env=env)
-    srv.rewrites = rewrites
-    yield srv
-    srv.stop()
-
 
 def finished_requests(server) -> float:
     return metric_total(server, "vllm:request_success_total")
@@ -116,8 +102,14 @@ def test_unreadable_cached_output_is_scored_again(v2_server, ref):
     body = {"model": MODEL, "prompt": ctx, "max_tokens": 0,
             "loglikelihood": {"continuations": OPTIONS}}  # fmt: skip
     before = finished_requests(v2_server)
+    fallbacks = {r: metric(v2_server, "vllm_loglik:fallbacks_total", reason=r)
+                 for r in UNREADABLE_REASONS}  # fmt: skip
     response = post(v2_server, "/v1/completions", body, key=None)
     assert response.status_code == 200, response.text
+    # The metric counts each span scored again, with the reason: a length of neither layout.
+    for reason, count in fallbacks.items():
+        grown = metric(v2_server, "vllm_loglik:fallbacks_total", reason=reason) - count
+        assert grown == (len(OPTIONS) if reason == "layout" else 0), reason
     for entry, option in zip(response.json()["choices"][0]["loglikelihood"], OPTIONS, strict=True):
         cont = ref.tokenizer.encode(option, add_special_tokens=False)
         want, _ = ref.score(ctx + cont, len(ctx))
@@ -131,8 +123,11 @@ def test_unreadable_cached_output_is_scored_again(v2_server, ref):
 def test_unreadable_output_is_a_500_with_an_error_id_never_a_400(v2_server):
     prompt = [1] + BREAK_ALL + [5, 6, 7]
     body = {"model": MODEL, "prompt": prompt, "max_tokens": 0, "loglikelihood": True}
+    labels = {"endpoint": "completions", "mode": "prompt", "model": MODEL, "outcome": "5xx"}
+    failed = metric(v2_server, "vllm_loglik:requests_total", **labels)
     response = post(v2_server, "/v1/completions", body, key=None)
     assert response.status_code == 500, response.text
+    assert metric(v2_server, "vllm_loglik:requests_total", **labels) == failed + 1
     error = response.json()["error"]
     assert error["type"] == "InternalServerError" and error["code"] == 500
     assert error["param"] is None

@@ -1,8 +1,9 @@
 """`vllm-loglik score`: score a JSON Lines file of requests, with progress, streaming output and
 resume.
 
-Each input line is the JSON body that you would POST to the server, without `model`: a
-`prompt` (completions) or `messages` (chat), and the `loglikelihood` field (`true` when absent).
+Each input line is the JSON body that you would POST to the server: a `prompt` (completions)
+or `messages` (chat), the `loglikelihood` field (`true` when absent), and optionally `model`,
+a LoRA adapter of `--lora-modules` (or the base model, which scores a line without it).
 An `id`, if present, is carried through. Each output line answers the input line of the same
 number, in order::
 
@@ -32,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from .engine_requests import score_spans
+from .engine_requests import lora_mixing_unsafe, score_spans
+from .adapters import Adapters
 from .engine_stream import DEFAULT_BUDGET_TOKENS, EngineStream
 from .jobs import Job, Scorer
 from .protocol import DEFAULT_MAX_CONTINUATIONS, parse_loglikelihood
@@ -67,6 +69,7 @@ class Work:
 
     line: int
     id: Any = None
+    model: Any = None  # the line's `model`: None or the base model's name, or an adapter's
     jobs: list[Job] = field(default_factory=list)
     top_logprobs: int = 0
     error: dict[str, Any] | None = None
@@ -89,6 +92,7 @@ def parse_line(
     try:
         body = text if isinstance(text, dict) else load_body(text)
         work.id = body.get("id")
+        work.model = body.get("model")
         work.jobs, work.top_logprobs = body_jobs(scorer, body, details, max_continuations)
     except RequestError as e:
         work.error = {"message": str(e)}
@@ -272,35 +276,58 @@ def run_engine(
     emit: Emit,
     details: bool,
     budget_tokens: int = DEFAULT_BUDGET_TOKENS,
+    adapters: Adapters | None = None,
 ) -> None:
     """Score `lines` on `llm`'s engine, keeping about `budget_tokens` in flight; each line's
-    record goes to `emit` as soon as it is done."""
+    record goes to `emit` as soon as it is done. A line's `model` picks the base model or one
+    of `adapters` (by default, the base model only)."""
     from .offline import scorer_for
 
     scorer = scorer_for(llm)
+    adapters = adapters or Adapters.of(llm)
     stream = EngineStream(llm)
     works: dict[int, Work] = {}
     max_continuations = max_continuations_from_env()
 
+    # Where the engine's LoRA kernels mix base-model and adapter requests up (vLLM's CPU
+    # build: `lora_mixing_unsafe`), lines of the other kind wait until those in flight are done.
+    separate = lora_mixing_unsafe(llm.llm_engine.vllm_config)
+    kind: bool | None = None  # in flight: True for adapters, False for the base model
+    held: tuple[Work, Any] | None = None  # a line that waits for its kind's turn
     try:
         more = True
-        while more or stream.active:
+        while more or held or stream.active:
             check_stop()
-            while more and (stream.tokens_in_flight < budget_tokens or not stream.active):
-                try:
-                    n, text = next(lines)
-                except StopIteration:
-                    more = False
+            if not stream.active:
+                kind = None
+            while (more or held) and (stream.tokens_in_flight < budget_tokens or not stream.active):
+                if held is not None:
+                    (work, lora_request), held = held, None
+                else:
+                    try:
+                        n, text = next(lines)
+                    except StopIteration:
+                        more = False
+                        break
+                    work = parse_line(scorer, text, n, details, max_continuations)
+                    lora_request = None
+                    try:
+                        lora_request = adapters.resolve(work.model)
+                    except RequestError as e:
+                        work.error = work.error or {"message": str(e), "param": e.param}
+                    if work.error is not None:
+                        emit(error_record(work))
+                        continue
+                if separate and kind is not None and kind != (lora_request is not None):
+                    held = (work, lora_request)
                     break
-                work = parse_line(scorer, text, n, details, max_continuations)
-                if work.error is not None:
-                    emit(error_record(work))
-                    continue
+                kind = lora_request is not None
+                n = work.line
                 spans = [span for job in work.jobs for span in job.spans]
                 protocol = score_spans(spans, work.top_logprobs, stream.block_size, f"line{n}")
                 works[n] = work
                 try:
-                    rows = stream.submit(n, protocol, work.tokens)
+                    rows = stream.submit(n, protocol, work.tokens, lora_request)
                 except ValueError as e:  # refused by the engine's own input checks
                     rows = e
                 if rows is not None:
@@ -336,7 +363,8 @@ def run_server(
     api_key: str | None,
 ) -> None:
     """Score `lines` through a server with the plugin: each line is POSTed as it is, with
-    `model`, `max_tokens: 0` and the compact response unless `details`."""
+    `max_tokens: 0`, the compact response unless `details`, and `model` (the line's own, an
+    adapter or the base model; else `model`, or the server's first model)."""
     import asyncio
 
     import httpx
@@ -380,7 +408,9 @@ async def score_remote(client: Any, model: str, n: int, text: str, details: bool
     elif not details:
         options["content"] = False
         options.pop("top_logprobs", None)
-    body.update(model=model, max_tokens=0, loglikelihood=options)
+    if body.get("model") is None:
+        body["model"] = model
+    body.update(max_tokens=0, loglikelihood=options)
     body.pop("max_completion_tokens", None)
     body.pop("stream", None)
     path = "/v1/chat/completions" if "messages" in body else "/v1/completions"

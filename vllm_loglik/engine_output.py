@@ -137,6 +137,46 @@ def span_logprobs(
     return _from_dicts(prompt_logprobs, ids, span.start, offset, top_logprobs)
 
 
+def unreadable_reason(
+    prompt_logprobs: Sequence[Mapping[int, Any] | None] | None,
+    num_cached_tokens: int | None,
+    span: Span,
+) -> str:
+    """Why `span_logprobs` could not read this output (it returned None), for the server's
+    fallback metric: `layout` (no prompt logprobs, or a list of neither layout's length),
+    `cached_scored_position` (the cache covered a scored position, whose row was never
+    computed), `missing_entry` (a scored position with no row or no entry), or `wrong_token`
+    (a position whose row does not hold the prompt's token)."""
+    if prompt_logprobs is None:
+        return "layout"
+    ids = span.prompt_token_ids
+    cached = num_cached_tokens or 0
+    if cached < 0 or span.start <= cached:
+        return "cached_scored_position"
+    offset = _offset(len(ids), len(prompt_logprobs), cached, span)
+    if offset is None:
+        return "layout"
+    if hasattr(prompt_logprobs, "start_indices"):
+        for pos in range(span.start, len(ids)):
+            s, e = prompt_logprobs.start_indices[pos - offset], prompt_logprobs.end_indices[pos - offset]
+            if e <= s:
+                return "missing_entry"
+            if prompt_logprobs.token_ids[s] != ids[pos]:
+                return "wrong_token"
+        return "layout"
+    for pos in range(span.start, len(ids)):
+        entry = prompt_logprobs[pos - offset]
+        if not entry:
+            return "missing_entry"
+        if ids[pos] not in entry:
+            return "wrong_token"
+    return "layout"
+
+
+#: Every reason that `unreadable_reason` gives.
+UNREADABLE_REASONS = ("layout", "cached_scored_position", "missing_entry", "wrong_token")
+
+
 def require_span_logprobs(
     prompt_logprobs: Sequence[Mapping[int, Any] | None] | None,
     num_cached_tokens: int | None,

@@ -32,11 +32,12 @@ way.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from .engine_output import ScoredRows, require_span_logprobs, span_logprobs
+from .engine_output import ScoredRows, require_span_logprobs, span_logprobs, unreadable_reason
 from .spans import Span
 
 
@@ -45,6 +46,23 @@ class EngineRequest:
     prompt_token_ids: list[int]
     params: Any  # vllm.SamplingParams
     request_id: str
+
+
+@dataclass
+class ProtocolStats:
+    """What one run of `score_spans` sent and read: the server's metrics count these.
+
+    `warmups` and `warmup_tokens`: shared-context warm-up requests and their prompt tokens;
+    `prompt_tokens`: prompt tokens of the scoring requests (retries included); `cached_tokens`:
+    prompt tokens that scoring requests read from the prefix cache; `fallbacks`: spans whose
+    cached output could not be read and were scored again without the cache, by reason
+    (`vllm_loglik.engine_output.unreadable_reason`)."""
+
+    warmups: int = 0
+    warmup_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    fallbacks: Counter[str] = field(default_factory=Counter)
 
 
 #: What `score_spans` is: yields batches of requests, is sent their outputs, returns the rows.
@@ -56,6 +74,36 @@ def prefix_block_size(vllm_config: Any) -> int | None:
     `score_spans` takes as `block_size`."""
     cache = vllm_config.cache_config
     return cache.block_size if cache.enable_prefix_caching else None
+
+
+#: Module names that put LoRA on the output layer, whose LoRA logits vLLM 0.32 computes with
+#: the wrong mapping for prompt logprobs.
+LM_HEAD_MODULES = ("lm_head", "logits_processor")
+
+
+def lora_scoring_problem(vllm_config: Any) -> str | None:
+    """Why prompt logprobs cannot be scored on this engine's LoRA configuration, or None.
+
+    vLLM 0.32 computes the prompt logprobs of a request through a LoRA-wrapped output layer
+    with a mapping of one entry per request instead of one per prompt position: the CPU engine
+    dies when a step holds more than one request (an einsum shape error), and a GPU may return
+    wrong numbers for an adapter that trains `lm_head` (vllm-project/vllm#16668, #51594). The
+    output layer is wrapped whenever LoRA is on and `--lora-target-modules` is not given (or
+    names it). With the adapters' own modules given (`q_proj ... down_proj`, not `lm_head`),
+    scoring under an adapter is exact; this affects the base model's requests too."""
+    lora = getattr(vllm_config, "lora_config", None)
+    if lora is None:
+        return None
+    targets = lora.target_modules
+    if targets is not None and not any(name in LM_HEAD_MODULES for name in targets):
+        return None
+    return (
+        "scoring with LoRA enabled needs the engine's LoRA layers to leave the output layer "
+        "alone: give --lora-target-modules (LLM(lora_target_modules=...)) the adapters' own "
+        "modules, e.g. q_proj k_proj v_proj o_proj gate_proj up_proj down_proj, without "
+        "lm_head. vLLM computes prompt logprobs through a LoRA output layer with the wrong "
+        "mapping (vllm-project/vllm#16668): it stops the CPU engine, and can give wrong numbers"
+    )
 
 
 def shared_prefix(spans: Sequence[Span], block_size: int | None) -> list[int] | None:
@@ -100,6 +148,7 @@ def score_spans(
     block_size: int | None,
     request_id: str,
     warm_single: bool = False,
+    stats: ProtocolStats | None = None,
 ) -> Protocol:
     """The protocol (see the module docstring) for `spans`, as a generator.
 
@@ -107,8 +156,10 @@ def score_spans(
     continuations of one context, or the candidates of one conversation) form a group. Its
     context, less its last token, is warmed up if it fills a KV block and if the group has two
     spans or more, or one with `warm_single` (the server's choice: a client may send the same
-    context again with its next continuation). Returns the `ScoredRows` of every span, in order.
+    context again with its next continuation). Returns the `ScoredRows` of every span, in order;
+    `stats`, if given, counts what was sent and read.
     """
+    stats = stats if stats is not None else ProtocolStats()
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, span in enumerate(spans):
         groups.setdefault(tuple(span.prompt_token_ids[: span.start]), []).append(i)
@@ -125,22 +176,31 @@ def score_spans(
     if not spans:
         return []
     if prefixes:
+        stats.warmups += len(prefixes)
+        stats.warmup_tokens += sum(len(prefix) for prefix in prefixes)
         yield [
             EngineRequest(list(prefix), warm_up_params(), f"{request_id}-prefix-{i}")
             for i, prefix in enumerate(prefixes)
         ]
+    stats.prompt_tokens += sum(len(span.prompt_token_ids) for span in spans)
     outputs = yield [
         EngineRequest(span.prompt_token_ids, scoring_params(top_logprobs, hit), f"{request_id}-{i}")
         for i, (span, hit) in enumerate(zip(spans, cached, strict=True))
     ]
     rows: list[ScoredRows | None] = []
     for span, hit, out in zip(spans, cached, outputs, strict=True):
+        stats.cached_tokens += out.num_cached_tokens or 0
         if hit:
-            rows.append(span_logprobs(out.prompt_logprobs, out.num_cached_tokens, span, top_logprobs))
+            row = span_logprobs(out.prompt_logprobs, out.num_cached_tokens, span, top_logprobs)
+            if row is None:
+                reason = unreadable_reason(out.prompt_logprobs, out.num_cached_tokens, span)
+                stats.fallbacks[reason] += 1
+            rows.append(row)
         else:
             rows.append(_require(out, span, top_logprobs))
     again = [i for i, r in enumerate(rows) if r is None]
     if again:
+        stats.prompt_tokens += sum(len(spans[i].prompt_token_ids) for i in again)
         outputs = yield [
             EngineRequest(
                 spans[i].prompt_token_ids,
@@ -178,3 +238,16 @@ async def run_async(protocol: Protocol, run: Any) -> list[ScoredRows]:
             batch = protocol.send(await run(batch))
     except StopIteration as stop:
         return stop.value
+
+
+def lora_mixing_unsafe(vllm_config: Any) -> bool:
+    """Whether this engine scores a base-model request wrongly when an adapter's request shares
+    its step: vLLM 0.32's CPU LoRA kernels (`vllm/lora/ops/torch_ops/lora_ops.py`) select the
+    adapter of each token with `weights[index]`, and the base model's index is -1, which picks
+    the last adapter slot instead of none. GPU kernels skip index -1. Where this holds, the
+    callers keep base-model and adapter requests out of the engine at the same time."""
+    if getattr(vllm_config, "lora_config", None) is None:
+        return False
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()

@@ -15,7 +15,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .engine_requests import EngineRequest, Protocol, prefix_block_size, score_spans
+from .engine_requests import (
+    EngineRequest,
+    Protocol,
+    lora_scoring_problem,
+    prefix_block_size,
+    score_spans,
+)
 from .scoring import score_totals
 from .spans import Span
 
@@ -34,6 +40,9 @@ class EngineStream:
 
         self.TokensPrompt = TokensPrompt
         self.engine = llm.llm_engine
+        problem = lora_scoring_problem(self.engine.vllm_config)
+        if problem is not None:
+            raise ValueError(problem)
         self.block_size = prefix_block_size(self.engine.vllm_config)
         self.active: dict[int, _Running] = {}
         self.owner: dict[str, tuple[int, int]] = {}  # request id -> (key, slot)

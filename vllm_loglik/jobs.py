@@ -128,6 +128,11 @@ class Scorer:
             if candidate["content"] == "":
                 raise ValueError("a candidate message must not be empty")
             messages = messages + [candidate]
+        elif messages[-1]["content"] == "":
+            raise ValueError(
+                f"the final message (conversation[{len(messages) - 1}].content) must not be "
+                "empty: it is the one scored, and would have none of its text to score"
+            )
         span = chat_span(self._renderer(chat_template_kwargs), self.encoder.encode_plain, messages)
         return Job(messages[-1]["content"], [self._fits(span, "the conversation")])
 

@@ -9,6 +9,12 @@ continuations or candidates is computed once (one more `generate` call warms it 
 the rest of each prompt is computed again; scored positions are always computed, so the
 numbers equal those of the uncached path. The one generated token of each request is
 discarded.
+
+Every function takes `lora_request=` (a `vllm.lora.request.LoRARequest`, as `LLM.generate`
+takes it; the `LLM` needs `enable_lora=True` and `lora_target_modules` without `lm_head`, see
+`vllm_loglik.engine_requests.lora_scoring_problem`) to score under that adapter instead of the
+base model. vLLM's prefix cache keys blocks by adapter, and a call's warm-up runs under the same
+adapter as its scoring, so a context cached under one adapter is never read for another.
 """
 
 from __future__ import annotations
@@ -18,7 +24,13 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .engine_requests import EngineRequest, prefix_block_size, run_sync, score_spans
+from .engine_requests import (
+    EngineRequest,
+    lora_scoring_problem,
+    prefix_block_size,
+    run_sync,
+    score_spans,
+)
 from .jobs import Job, Scorer, check_top_logprobs
 from .scoring import Score
 
@@ -35,12 +47,18 @@ def scorer_for(llm: Any) -> Scorer:
     return scorer
 
 
-def run_jobs(llm: Any, jobs: list[Job], top_logprobs: int, use_tqdm: bool) -> list[Score]:
+def run_jobs(
+    llm: Any, jobs: list[Job], top_logprobs: int, use_tqdm: bool, lora_request: Any = None
+) -> list[Score]:
     """Score `jobs` with the protocol of `vllm_loglik.engine_requests`, one `LLM.generate`
-    call per batch of it, and return their scores in order."""
+    call per batch of it, every request under `lora_request` (None: the base model), and
+    return their scores in order."""
     from vllm.inputs import TokensPrompt
 
     top_logprobs = check_top_logprobs(top_logprobs)
+    problem = lora_scoring_problem(llm.llm_engine.vllm_config)
+    if problem is not None:
+        raise ValueError(problem)
     scorer = scorer_for(llm)
     spans = [span for job in jobs for span in job.spans]
     if not spans:
@@ -49,7 +67,9 @@ def run_jobs(llm: Any, jobs: list[Job], top_logprobs: int, use_tqdm: bool) -> li
 
     def run(batch: list[EngineRequest]) -> list[Any]:
         prompts = [TokensPrompt(prompt_token_ids=r.prompt_token_ids) for r in batch]
-        return llm.generate(prompts, [r.params for r in batch], use_tqdm=use_tqdm)
+        return llm.generate(
+            prompts, [r.params for r in batch], use_tqdm=use_tqdm, lora_request=lora_request
+        )
 
     protocol = score_spans(spans, top_logprobs, block_size, f"offline-{next(_calls)}")
     scored = iter(run_sync(protocol, run))
@@ -86,6 +106,7 @@ def loglikelihood(
     *,
     top_logprobs: int = 0,
     use_tqdm: bool = False,
+    lora_request: Any = None,
 ) -> list[Score]:
     """log P(continuation | context) for each `(context, continuation)` pair.
 
@@ -104,11 +125,16 @@ def loglikelihood(
     """
     scorer = scorer_for(llm)
     jobs = _jobs(requests, "requests", lambda item: scorer.pair(*_pair(item)))
-    return run_jobs(llm, jobs, top_logprobs, use_tqdm)
+    return run_jobs(llm, jobs, top_logprobs, use_tqdm, lora_request)
 
 
 def loglikelihood_rolling(
-    llm: Any, texts: Sequence[str], *, top_logprobs: int = 0, use_tqdm: bool = False
+    llm: Any,
+    texts: Sequence[str],
+    *,
+    top_logprobs: int = 0,
+    use_tqdm: bool = False,
+    lora_request: Any = None,
 ) -> list[Score]:
     """The total loglikelihood of each text, of any length, as lm-eval's `loglikelihood_rolling`.
 
@@ -117,7 +143,7 @@ def loglikelihood_rolling(
     token is predicted exactly once, the first one given BOS alone.
     """
     jobs = _jobs(texts, "texts", scorer_for(llm).rolling)
-    return run_jobs(llm, jobs, top_logprobs, use_tqdm)
+    return run_jobs(llm, jobs, top_logprobs, use_tqdm, lora_request)
 
 
 def prompt_loglikelihood(
@@ -126,6 +152,7 @@ def prompt_loglikelihood(
     *,
     top_logprobs: int = 0,
     use_tqdm: bool = False,
+    lora_request: Any = None,
 ) -> list[Score]:
     """Every token of each prompt except the first, as the hosted API's `loglikelihood: true`.
 
@@ -133,7 +160,7 @@ def prompt_loglikelihood(
     and every token of the text is scored); a list of token ids is used as it is.
     """
     jobs = _jobs(prompts, "prompts", scorer_for(llm).prompt)
-    return run_jobs(llm, jobs, top_logprobs, use_tqdm)
+    return run_jobs(llm, jobs, top_logprobs, use_tqdm, lora_request)
 
 
 def chat_loglikelihood(
@@ -144,6 +171,7 @@ def chat_loglikelihood(
     chat_template_kwargs: dict[str, Any] | None = None,
     top_logprobs: int = 0,
     use_tqdm: bool = False,
+    lora_request: Any = None,
 ) -> list[Score] | list[list[Score]]:
     """The loglikelihood of the final message of each conversation under the chat template.
 
@@ -179,7 +207,7 @@ def chat_loglikelihood(
                 jobs.append(scorer.chat(conversation, option, chat_template_kwargs))
         except ValueError as e:
             raise ValueError(f"conversations[{i}]: {e}") from None
-    scores = run_jobs(llm, jobs, top_logprobs, use_tqdm)
+    scores = run_jobs(llm, jobs, top_logprobs, use_tqdm, lora_request)
     if candidates is None:
         return scores
     grouped, at = [], 0

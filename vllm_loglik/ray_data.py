@@ -55,7 +55,9 @@ class LoglikelihoodScorer:
     `json_column` names a column that holds each body as JSON text (or UTF-8 bytes), for bodies
     of mixed shapes that one Arrow schema cannot hold; `id_as_json` writes each `id` as JSON text,
     for ids of mixed types. The batch is fed to the engine with about `budget_tokens` prompt
-    tokens in flight.
+    tokens in flight. `lora_modules` lists LoRA adapters (`"name=path"` strings, or
+    `{"name", "path"}` dicts; the engine needs `enable_lora=True`): a row whose `model` names
+    one is scored under it, as in `vllm-loglik score`.
     """
 
     def __init__(
@@ -67,9 +69,12 @@ class LoglikelihoodScorer:
         json_column: str | None = None,
         budget_tokens: int = DEFAULT_BUDGET_TOKENS,
         id_as_json: bool = False,
+        lora_modules: Any = None,
         **llm_kwargs: Any,
     ):
         from vllm import LLM
+
+        from .adapters import Adapters
 
         if engine_args is not None:
             self.llm = LLM.from_engine_args(engine_args)
@@ -77,6 +82,7 @@ class LoglikelihoodScorer:
             self.llm = LLM(model, **llm_kwargs)
         else:
             raise ValueError("LoglikelihoodScorer needs `model` or `engine_args`")
+        self.adapters = Adapters.of(self.llm, lora_modules)
         self.details = details
         self.json_column = json_column
         self.budget_tokens = budget_tokens
@@ -90,7 +96,7 @@ class LoglikelihoodScorer:
             records[record["line"]] = record
 
         run_engine(
-            self.llm, self._bodies(rows), emit, self.details, self.budget_tokens
+            self.llm, self._bodies(rows), emit, self.details, self.budget_tokens, self.adapters
         )
         out: dict[str, list[Any]] = {c: [] for c in COLUMNS}
         for i, row in enumerate(rows):
@@ -198,6 +204,7 @@ def run_ray(
     num_gpus: float,
     batch_size: int,
     budget_tokens: int,
+    lora_modules: Any = None,
 ) -> None:
     """Score the lines of `input_path` after the first `skip` through Ray Data, with
     `concurrency` actors of one engine each; records reach `emit` in line order."""
@@ -216,6 +223,7 @@ def run_ray(
                 "json_column": "body",
                 "budget_tokens": budget_tokens,
                 "id_as_json": True,  # ids of any JSON type, in one Arrow column
+                "lora_modules": lora_modules,
             },
             batch_format="pyarrow",
             batch_size=batch_size,

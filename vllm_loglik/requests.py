@@ -196,6 +196,14 @@ def chat_jobs(
                     raise RequestError(field, f"{field}: {e}") from None
             return jobs
         if options.scope == "last_message":
+            last = len(messages) - 1
+            if messages[last]["content"] == "":
+                field = f"messages[{last}].content"
+                raise RequestError(
+                    field,
+                    f"{field} must not be empty: the last message is the one scored, and an "
+                    "empty (or absent) content leaves none of its text to score",
+                )
             return [scorer.chat(messages, None, kwargs)]
         return [
             scorer.chat_prompt(messages, add_generation_prompt and not continue_final_message, kwargs)

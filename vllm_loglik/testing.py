@@ -140,6 +140,31 @@ def build_tiny_model(path: str | Path) -> Path:
     return build_model(path, TINY)
 
 
+def build_lora_adapter(model_path: str | Path, path: str | Path, seed: int, rank: int = 8) -> Path:
+    """Build a LoRA adapter for the model in `model_path` with `peft`, with seeded random
+    weights (both A and B, so that it changes the model's outputs), on the attention and MLP
+    projections, and save it in `path`, which vLLM's `--lora-modules` and `LoRARequest` load."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    path = Path(path)
+    if (path / "adapter_config.json").exists():
+        return path
+    base = LlamaForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        init_lora_weights=False,  # random B too: the default (B = 0) changes nothing
+        lora_dropout=0.0,
+    )
+    torch.manual_seed(seed)
+    model = get_peft_model(base, config)
+    model.save_pretrained(path)
+    return path
+
+
 def lm_eval_vllm_env(folder: str | Path) -> dict[str, str]:
     """The environment in which lm-eval's own `--model vllm` imports on vLLM's CPU build, for
     comparisons with it (tests and bench only): lm-eval asks for the version of a distribution
@@ -167,7 +192,9 @@ class ApiServer:
     """A real `vllm serve` process, started and waited for; for tests, the demo and benchmarks.
 
     It runs `python -m vllm.entrypoints.openai.api_server`, the same server as `vllm serve`,
-    because the CPU build's `vllm` command does not start. `plugin` sets `VLLM_PLUGINS` to
+    because the CPU build's `vllm` command does not start; with `vllm_serve`, it runs `vllm
+    serve` itself through `vllm-loglik serve` (needed for `--api-server-count`, which only
+    `vllm serve` honours). `plugin` sets `VLLM_PLUGINS` to
     this package's plugin, or removes it; `env` adds environment variables. Output goes to
     `log_path`. Use it as a context manager, or call `stop()`.
     """
@@ -182,6 +209,7 @@ class ApiServer:
         port: int | None = None,
         timeout: float = 300.0,
         env: dict[str, str] | None = None,
+        vllm_serve: bool = False,
     ) -> None:
         import os
         import socket
@@ -196,10 +224,14 @@ class ApiServer:
         env.pop("VLLM_PLUGINS", None)
         if plugin:
             env["VLLM_PLUGINS"] = "loglikelihood"
-        cmd = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-            "--host", "127.0.0.1", "--port", str(port), *args,
-        ]  # fmt: skip
+        if vllm_serve:  # `vllm serve` itself, through `vllm-loglik serve` (see `cli.run_serve`)
+            cli = Path(sys.executable).parent / "vllm-loglik"
+            cmd = [str(cli), "serve", str(model), "--host", "127.0.0.1", "--port", str(port), *args]
+        else:
+            cmd = [
+                sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+                "--host", "127.0.0.1", "--port", str(port), *args,
+            ]  # fmt: skip
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = Path(log_path)

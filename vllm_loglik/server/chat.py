@@ -10,9 +10,9 @@ from typing import Any
 from fastapi import Request
 
 from ..requests import RequestError, chat_jobs
-from .protocol import LoglikelihoodChatCompletionRequest, error_response
+from .protocol import ErrorResponse, LoglikelihoodChatCompletionRequest, error_json, error_response
 from .responses import as_entries, chat_response, merge, no_generation, scored_prompt_tokens
-from .validation import checked, top_logprobs_of
+from .validation import adapter_of, checked, top_logprobs_of
 
 
 async def score_chat(request: LoglikelihoodChatCompletionRequest, raw_request: Request):
@@ -37,8 +37,11 @@ async def score_chat(request: LoglikelihoodChatCompletionRequest, raw_request: R
         else request.max_tokens
     )
     handler = raw_request.app.state.openai_serving_chat
+    adapter = await adapter_of(request, handler)
+    if isinstance(adapter, ErrorResponse):
+        return error_json(adapter)
     scores, generated = await asyncio.gather(
-        scoring.run(jobs, k, options.content),
+        scoring.run(jobs, k, options.content, adapter),
         handler.create_chat_completion(request, raw_request) if max_tokens != 0 else no_generation(),
     )
     entries = as_entries(scores, options.content)

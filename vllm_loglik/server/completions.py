@@ -10,7 +10,7 @@ from fastapi import Request
 
 from ..jobs import Job
 from ..requests import RequestError, completion_jobs, completion_prompts
-from .protocol import LoglikelihoodCompletionRequest, error_response
+from .protocol import ErrorResponse, LoglikelihoodCompletionRequest, error_json, error_response
 from .responses import (
     as_entries,
     completion_response,
@@ -18,7 +18,7 @@ from .responses import (
     no_generation,
     scored_prompt_tokens,
 )
-from .validation import checked, top_logprobs_of
+from .validation import adapter_of, checked, top_logprobs_of
 
 
 async def score_completion(request: LoglikelihoodCompletionRequest, raw_request: Request):
@@ -33,6 +33,10 @@ async def score_completion(request: LoglikelihoodCompletionRequest, raw_request:
     except RequestError as e:
         return error_response(str(e), e.param, getattr(e, "status", HTTPStatus.BAD_REQUEST))
 
+    handler = raw_request.app.state.openai_serving_completion
+    adapter = await adapter_of(request, handler)
+    if isinstance(adapter, ErrorResponse):
+        return error_json(adapter)
     jobs = [job for group in groups for job in group]
     generate = request.max_tokens != 0 or bool(request.echo)
     if generate and any(p == "" for p in prompts):
@@ -42,9 +46,8 @@ async def score_completion(request: LoglikelihoodCompletionRequest, raw_request:
             "prompt",
             HTTPStatus.BAD_REQUEST,
         )
-    handler = raw_request.app.state.openai_serving_completion
     scores, generated = await asyncio.gather(
-        scoring.run(jobs, k, options.content),
+        scoring.run(jobs, k, options.content, adapter),
         handler.create_completion(request, raw_request) if generate else no_generation(),
     )
     per_prompt, at = [], 0

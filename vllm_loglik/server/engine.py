@@ -4,16 +4,30 @@ protocol of `vllm_loglik.engine_requests` through the plugin's `EngineClient`.""
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from typing import Any
 
 from starlette.datastructures import State
 
 from ..engine_output import EngineOutputError
-from ..engine_requests import EngineRequest, prefix_block_size, run_async, score_spans
+from ..engine_requests import (
+    EngineRequest,
+    ProtocolStats,
+    lora_mixing_unsafe,
+    lora_scoring_problem,
+    prefix_block_size,
+    run_async,
+    score_spans,
+)
 from ..jobs import Job, Scorer
 from ..scoring import Score
 from .limits import Limits
+from .lora_turns import Turns
+from .metrics import metrics
+
+
+logger = logging.getLogger("vllm_loglik.server")
 
 
 class ScoringFault(RuntimeError):
@@ -45,20 +59,37 @@ class ServerScoring:
         )
         self.limits = Limits.from_env()
         self.block_size = prefix_block_size(engine_client.vllm_config)
+        #: Why this engine's LoRA configuration cannot score, if it cannot (every scoring
+        #: request is then a 501 with this message; see `lora_scoring_problem`).
+        self.lora_problem = lora_scoring_problem(engine_client.vllm_config)
+        if self.lora_problem is not None:
+            logger.warning("loglikelihood requests will be refused: %s", self.lora_problem)
+        #: Base-model and adapter scoring take turns where the engine would mix them up.
+        self.turns = Turns() if lora_mixing_unsafe(engine_client.vllm_config) else None
+        models = getattr(state, "openai_serving_models", None)
+        served = engine_client.model_config.served_model_name
+        #: The `model` label of the base model in the metrics: its first served name.
+        self.base_name = (
+            models.base_model_paths[0].name if models is not None
+            else served if isinstance(served, str) else served[0]
+        )  # fmt: skip
 
-    async def _generate(self, request: EngineRequest) -> Any:
+    async def _generate(self, request: EngineRequest, lora_request: Any) -> Any:
         from vllm.inputs import TokensPrompt
 
         final = None
         prompt = TokensPrompt(prompt_token_ids=request.prompt_token_ids)
-        async for out in self.engine.generate(prompt, request.params, request.request_id):
+        stream = self.engine.generate(
+            prompt, request.params, request.request_id, lora_request=lora_request
+        )
+        async for out in stream:
             final = out
         if final is None:
             raise EngineOutputError(f"engine request {request.request_id} returned no output")
         return final
 
-    async def _run_batch(self, batch: list[EngineRequest]) -> list[Any]:
-        tasks = [asyncio.ensure_future(self._generate(request)) for request in batch]
+    async def _run_batch(self, batch: list[EngineRequest], lora_request: Any) -> list[Any]:
+        tasks = [asyncio.ensure_future(self._generate(r, lora_request)) for r in batch]
         try:
             return await asyncio.gather(*tasks)
         except BaseException:
@@ -66,25 +97,43 @@ class ServerScoring:
                 task.cancel()
             raise
 
-    async def run(self, jobs: list[Job], top_logprobs: int, content: bool = True) -> list[Score]:
-        """Score `jobs`: every span is its own engine request, all in flight at once.
-        `content=False` computes only each job's totals (the compact response)."""
+    async def run(
+        self, jobs: list[Job], top_logprobs: int, content: bool = True, lora_request: Any = None
+    ) -> list[Score]:
+        """Score `jobs`: every span is its own engine request, all in flight at once, under
+        `lora_request` (None: the base model). `content=False` computes only each job's totals
+        (the compact response). A request's warm-up runs under its adapter too: vLLM's prefix
+        cache keys blocks by adapter, so a context is only ever read under the adapter that
+        computed it."""
         from vllm.exceptions import VLLMError
 
         try:
-            return await self._run(jobs, top_logprobs, content)
+            if self.turns is None:
+                return await self._run(jobs, top_logprobs, content, lora_request)
+            async with self.turns.turn(lora_request is not None):
+                return await self._run(jobs, top_logprobs, content, lora_request)
         except VLLMError:
             raise
         except Exception as e:
             raise ScoringFault(f"{type(e).__name__}: {e}") from e
 
-    async def _run(self, jobs: list[Job], top_logprobs: int, content: bool) -> list[Score]:
+    async def _run(
+        self, jobs: list[Job], top_logprobs: int, content: bool, lora_request: Any
+    ) -> list[Score]:
         spans = [span for job in jobs for span in job.spans]
+        stats = ProtocolStats()
         protocol = score_spans(
-            spans, top_logprobs, self.block_size, f"loglik-{uuid.uuid4().hex}", warm_single=True
-        )
-        scored = iter(await run_async(protocol, self._run_batch))
-        return [
-            self.scorer.finish(job, [next(scored) for _ in job.spans], top_logprobs, content)
-            for job in jobs
-        ]
+            spans, top_logprobs, self.block_size, f"loglik-{uuid.uuid4().hex}", warm_single=True,
+            stats=stats,
+        )  # fmt: skip
+        scores: list[Score] = []
+        try:
+            scored = iter(await run_async(protocol, lambda b: self._run_batch(b, lora_request)))
+            scores = [
+                self.scorer.finish(job, [next(scored) for _ in job.spans], top_logprobs, content)
+                for job in jobs
+            ]
+            return scores
+        finally:
+            label = lora_request.lora_name if lora_request is not None else self.base_name
+            metrics().engine_work(label, stats, sum(s.num_tokens for s in scores))

@@ -14,6 +14,9 @@ routes keep the original routes' dependencies; `--api-key` is enforced by vLLM's
 which guards every `/v1` path. `init_state` builds the per-app `ServerScoring` from the engine
 client.
 
+Each scoring request is counted on vLLM's `/metrics` (`metrics.py`), in every API-server
+process when there are several.
+
 On the two routes, the plugin also caps the body size (`BodyLimit`, HTTP 413: the caps are in
 `limits.py`) and answers a body that is not JSON at all in the OpenAI error shape (`_Route`);
 with the API's middleware and a route class, both public FastAPI extension points.
@@ -21,6 +24,8 @@ with the API's middleware and a route class, both public FastAPI extension point
 
 from __future__ import annotations
 
+import asyncio
+import time
 from argparse import Namespace
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -37,6 +42,7 @@ from .chat import score_chat
 from .completions import score_completion
 from .engine import ScoringFault, ServerScoring
 from .limits import Limits
+from .metrics import metrics, mode_of, model_label
 from .protocol import (
     LoglikelihoodChatCompletionRequest,
     LoglikelihoodCompletionRequest,
@@ -56,21 +62,41 @@ def _route(app: FastAPI, path: str) -> APIRoute | None:
     return None
 
 
-def _wrap(original: APIRoute, request_model: type, handler: Handler) -> Handler:
+def _wrap(original: APIRoute, request_model: type, handler: Handler, label: str) -> Handler:
+    """The route's endpoint: the original one for a request without `loglikelihood`, else
+    `handler`, cancelled when the client leaves, and counted in the metrics as `label`."""
     original_endpoint = original.endpoint
     scored = with_cancellation(handler)
 
     async def endpoint(request: Any, raw_request: Request):
         if not request.loglikelihood:
             return await original_endpoint(request, raw_request)
+        start = time.perf_counter()
+        outcome: int | str = "cancelled"  # the client left: with_cancellation returns None
         try:
-            return await scored(request, raw_request)
+            response = await scored(request, raw_request)
+            if response is not None:
+                outcome = getattr(response, "status_code", HTTPStatus.OK)
+            return response
         except ScoringFault as e:
             # A fault in computing the scores. vLLM's fallback handler would answer a
             # ValueError with a 400 that quotes it; this is never the client's mistake.
             # Everything else (vLLM's own generation handler, the engine's errors) goes to
             # vLLM's exception handlers, as without the plugin.
+            outcome = HTTPStatus.INTERNAL_SERVER_ERROR
             return internal_error_response(e)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            # vLLM's handlers answer a ValueError with a 400, anything else with a 500.
+            outcome = 400 if isinstance(e, ValueError) else 500
+            raise
+        finally:
+            models = getattr(raw_request.app.state, "openai_serving_models", None)
+            metrics().answered(
+                label, mode_of(request.loglikelihood), outcome,
+                model_label(request.model, models), time.perf_counter() - start,
+            )  # fmt: skip
 
     # FastAPI reads the body model from the annotation.
     endpoint.__annotations__ = {"request": request_model, "raw_request": Request}
@@ -178,16 +204,17 @@ class LoglikelihoodPlugin:
             BodyLimit, paths=frozenset((COMPLETIONS, CHAT)), max_bytes=limits.max_body_bytes
         )
         router = APIRouter(route_class=_Route)
-        for path, model, handler in (
-            (COMPLETIONS, LoglikelihoodCompletionRequest, score_completion),
-            (CHAT, LoglikelihoodChatCompletionRequest, score_chat),
+        metrics()  # made here, in each API-server process, before any request
+        for path, model, handler, label in (
+            (COMPLETIONS, LoglikelihoodCompletionRequest, score_completion, "completions"),
+            (CHAT, LoglikelihoodChatCompletionRequest, score_chat, "chat"),
         ):
             original = _route(app, path)
             if original is None:
                 continue
             router.add_api_route(
                 path,
-                _wrap(original, model, handler),
+                _wrap(original, model, handler, label),
                 methods=["POST"],
                 dependencies=list(original.dependencies),
                 responses=dict(original.responses),

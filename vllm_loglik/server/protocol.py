@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
 from ..protocol import LOGLIKELIHOOD_DESCRIPTION, LoglikelihoodOptions, parse_loglikelihood
 from ..requests import RequestError  # noqa: F401  (re-exported: bad input, a 400)
@@ -65,6 +66,7 @@ def error_response(message: str, param: str | None, status: HTTPStatus) -> JSONR
         HTTPStatus.BAD_REQUEST: "BadRequestError",
         HTTPStatus.INTERNAL_SERVER_ERROR: "InternalServerError",
         HTTPStatus.REQUEST_ENTITY_TOO_LARGE: "RequestTooLargeError",
+        HTTPStatus.NOT_IMPLEMENTED: "NotImplementedError",
     }
     body = {
         "error": {
@@ -75,6 +77,11 @@ def error_response(message: str, param: str | None, status: HTTPStatus) -> JSONR
         }
     }
     return JSONResponse(body, status_code=status.value)
+
+
+def error_json(error: ErrorResponse) -> JSONResponse:
+    """vLLM's own `ErrorResponse` (from one of its handlers), as vLLM's routes send it."""
+    return JSONResponse(error.model_dump(), status_code=error.error.code)
 
 
 def internal_error_response(exc: BaseException) -> JSONResponse:

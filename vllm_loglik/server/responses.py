@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from ..jobs import Job
 from ..protocol import entry_from_score
 from ..scoring import Score
+from .protocol import error_json
 
 
 class ScoresResponse(JSONResponse):
@@ -51,7 +52,7 @@ def merge(
     """Add the entries to each choice of the original handler's response; an `ErrorResponse`
     from the handler is returned as it is, with its status."""
     if not hasattr(response, "choices"):
-        return JSONResponse(response.model_dump(), status_code=response.error.code)
+        return error_json(response)
     body = response.model_dump()
     for choice in body["choices"]:
         choice["loglikelihood"] = per_prompt[choice["index"] // n]

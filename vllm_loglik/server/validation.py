@@ -5,12 +5,12 @@ Each raises `RequestError` naming the field, which the handlers answer with HTTP
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import Request
 
 from ..protocol import LoglikelihoodOptions
-from ..spans import excerpt
 from .engine import ServerScoring
 from ..requests import RequestError, check_continuations
 
@@ -18,10 +18,20 @@ from ..requests import RequestError, check_continuations
 def checked(request: Any, raw_request: Request) -> tuple[ServerScoring, LoglikelihoodOptions]:
     """The app's `ServerScoring` and the request's options, after the checks of both endpoints."""
     scoring: ServerScoring = raw_request.app.state.vllm_loglik
+    if scoring.lora_problem is not None:
+        raise NotScorable(scoring.lora_problem)
     options = options_of(request)
     check_common(request, options, scoring)
-    check_model(request, raw_request)
     return scoring, options
+
+
+class NotScorable(RequestError):
+    """The server's configuration cannot score (HTTP 501): LoRA on the output layer."""
+
+    status = HTTPStatus.NOT_IMPLEMENTED
+
+    def __init__(self, message: str):
+        super().__init__(None, message)  # type: ignore[arg-type]  # no field is at fault
 
 
 def options_of(request: Any) -> LoglikelihoodOptions:
@@ -62,11 +72,15 @@ def top_logprobs_of(
     return max(k, 0)
 
 
-def check_model(request: Any, raw_request: Request) -> None:
-    models = getattr(raw_request.app.state, "openai_serving_models", None)
-    if request.model and models is not None and not models.is_base_model(request.model):
-        raise RequestError(
-            "model",
-            f"loglikelihood is computed with the base model only; model {excerpt(request.model)} "
-            "is not the served base model",
-        )
+async def adapter_of(request: Any, serving: Any) -> Any:
+    """The LoRA adapter that `request.model` names (None for the base model), or vLLM's own
+    `ErrorResponse` for a name that it does not serve. `serving` is the endpoint's vLLM
+    handler (`openai_serving_completion` or `openai_serving_chat`), which resolves the name
+    exactly as it does for generation: `_check_model` answers an unknown name with its 404
+    (`NotFoundError`, `param: model`) and loads an adapter at run time where
+    `VLLM_ALLOW_RUNTIME_LORA_UPDATING` allows it; `_maybe_get_adapters` gives the adapter's
+    `LoRARequest`. vLLM exposes no public call for this, and its handlers use these two."""
+    error = await serving._check_model(request)
+    if error is not None:
+        return error
+    return serving._maybe_get_adapters(request)

@@ -1,0 +1,68 @@
+"""The README and `docs/`: every link between pages resolves (file and heading), the README stays
+short, and the performance page shows the bench table of `bench/latest.json`, not a copy that
+can go stale."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces as hyphens."""
+    out = set()
+    in_code = False
+    for line in page.read_text().splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        if in_code or not line.startswith("#"):
+            continue
+        title = line.lstrip("#").strip().lower()
+        out.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return out
+
+
+def test_links_between_pages_resolve():
+    checked, broken = 0, []
+    for page in PAGES:
+        for target in LINK.findall(page.read_text()):
+            if target.startswith(("http://", "https://", "mailto:")):
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            where = page.relative_to(ROOT)
+            if not dest.exists():
+                broken.append(f"{where}: no file {target}")
+            elif anchor and (dest.suffix != ".md" or anchor not in anchors(dest)):
+                broken.append(f"{where}: no heading {target}")
+            checked += 1
+    assert not broken, broken
+    assert checked > 30
+
+
+def test_every_doc_page_is_reachable_from_the_readme():
+    linked = {
+        (ROOT / t.partition("#")[0]).resolve()
+        for t in LINK.findall((ROOT / "README.md").read_text())
+        if t.startswith("docs/")
+    }
+    assert set(PAGES[1:]) <= linked, sorted(p.name for p in set(PAGES[1:]) - linked)
+
+
+def test_readme_fits_on_a_few_screens():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 170, len(lines)
+    # The quick start comes first: exactly the two commands.
+    start = lines.index("## Quick start")
+    block = lines[lines.index("```bash", start) + 1 : lines.index("```", start + 2)]
+    assert [line.split("#")[0].strip() for line in block] == ["make demo", "make test"]
+
+
+def test_performance_page_shows_the_latest_bench_table():
+    table = json.loads((ROOT / "bench" / "latest.json").read_text())["table"]
+    assert table in (ROOT / "docs" / "performance.md").read_text()
