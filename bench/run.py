@@ -61,6 +61,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from docs_tables import write_docs_table  # noqa: E402
 from vllm_loglik.testing import ApiServer  # noqa: E402
 
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -793,20 +795,6 @@ def table(r: dict, size: Size) -> str:
     ]
     lines += [f"| {a} | {b} | {c:.2f}× | {d} | {e} |" for a, b, c, d, e in rows]
     return "\n".join(lines)
-
-
-#: The performance page's table sits between these lines (`tests/test_docs.py` checks it).
-DOCS_TABLE = ROOT / "docs" / "performance.md"
-TABLE_START = "<!-- bench table: written by bench/run.py from bench/latest.json; do not edit -->"
-TABLE_END = "<!-- end of bench table -->"
-
-
-def write_docs_table(text: str) -> None:
-    """Put the table of `bench/latest.json` into `docs/performance.md`."""
-    page = DOCS_TABLE.read_text()
-    head, _, rest = page.partition(TABLE_START + "\n")
-    _, _, tail = rest.partition(TABLE_END)
-    DOCS_TABLE.write_text(f"{head}{TABLE_START}\n{text}\n{TABLE_END}{tail}")
 
 
 def offline_child(

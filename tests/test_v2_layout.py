@@ -12,10 +12,8 @@ from __future__ import annotations
 import concurrent.futures
 
 import httpx
-import pytest
 
 import vllm_loglik
-from tests.conftest import Server
 from tests.test_server import (
     LONG_CONTEXT,
     MODEL,

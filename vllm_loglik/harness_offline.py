@@ -43,7 +43,6 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import (
     DEFAULT_MAX_LENGTH,
-    Collator,
     _add_special_kwargs,
     configure_pad_token,
     handle_stop_sequences,

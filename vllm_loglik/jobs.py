@@ -12,7 +12,7 @@ so a scored prompt is at most `max_model_len - 1` tokens, and rolling windows us
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 

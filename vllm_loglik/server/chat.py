@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 from http import HTTPStatus
-from typing import Any
 
 from fastapi import Request
 
