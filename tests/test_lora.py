@@ -330,3 +330,22 @@ def test_lora_on_the_output_layer_is_refused_before_any_engine_work(model_path, 
     assert lora_scoring_problem(config(LORA_TARGETS)) is None
     assert "lm_head" in lora_scoring_problem(config(None))
     assert lora_scoring_problem(config(["q_proj", "lm_head"])) is not None
+
+
+def test_lm_eval_server_model_scores_under_an_adapter(lora_server, lora_llm, lora_requests, tmp_path):
+    """`vllm-loglik eval --model vllm-loglik` with `model=ADAPTER`: lm-eval's per-sample
+    loglikelihoods are the offline API's under that adapter."""
+    from .lm_eval_runs import greedy, lm_eval, loglikelihoods
+
+    name = NAMES[0]
+    _, samples = lm_eval(
+        ["--model", "vllm-loglik", "--model_args",
+         f"base_url={lora_server.url}/v1/completions,model={name},num_concurrent=4,max_retries=1",
+         "--tasks", "loglik_mc"],
+        tmp_path / "lm-eval",
+    )  # fmt: skip
+    for sample in samples["loglik_mc"]:
+        pairs = [(a["arg_0"], a["arg_1"]) for a in sample["arguments"].values()]
+        want = vllm_loglik.loglikelihood(lora_llm, pairs, lora_request=lora_requests[name])
+        assert loglikelihoods(sample) == pytest.approx([s.logprob for s in want], abs=1e-4)
+        assert greedy(sample) == [s.is_greedy for s in want]
