@@ -315,7 +315,7 @@ def test_lora_on_the_output_layer_is_refused_before_any_engine_work(model_path, 
     source = tmp_path / "in.jsonl"
     source.write_text('{"prompt": "Hello"}\n')
     cli = str(Path(sys.executable).parent / "vllm-loglik")
-    for extra in ([], ["--lora-target-modules", "q_proj", "lm_head"]):
+    for extra in (["--lora-target-modules", "q_proj", "lm_head"],):  # no flag: unit-tested below
         run = subprocess.run(
             [cli, "score", model_path, "--input", str(source), "--output", str(tmp_path / "o"),
              "--enable-lora", *extra],

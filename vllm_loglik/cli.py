@@ -9,7 +9,7 @@ server with the plugin (`--server URL`), or on a Ray cluster with one engine per
 and runs on the CPU build too, whose own `vllm` command does not start.
 
 `vllm-loglik eval [lm_eval arguments]` registers this package's lm-evaluation-harness models
-(`vllm-loglik`, `vllm-loglik-chat`) and runs lm-eval's own command line with the arguments
+(`vllm-loglik-offline`, `vllm-loglik`, `vllm-loglik-chat`) and runs lm-eval's own command line with the arguments
 unchanged, every flag included: lm-eval 0.4 finds no model outside its own package.
 """
 
@@ -26,15 +26,18 @@ USAGE = """usage: vllm-loglik COMMAND [ARGS]
 commands:
   serve   vLLM's own `vllm serve` with the plugin switched on, also on the CPU build:
           vllm-loglik serve MODEL [vllm serve flags, e.g. --api-server-count 2]
-  score   score a JSON Lines file of request bodies (the server's, without `model`):
+  score   score a JSON Lines file of request bodies (the server's; a `model` names an adapter):
           vllm-loglik score MODEL --input requests.jsonl --output scores.jsonl [vLLM flags]
           vllm-loglik score --server http://127.0.0.1:8000 --input ... --output ...
           vllm-loglik score MODEL --ray --ray-address auto --input ... --output ...
-          vllm-loglik score MODEL --enable-lora --lora-modules NAME=PATH ... (a line's
-            `model` names the adapter it is scored under)
+          vllm-loglik score MODEL --enable-lora --lora-target-modules q_proj ... \\
+              --lora-modules NAME=PATH ... (a line's `model` picks the adapter)
           (vllm-loglik score --help for every flag)
-  eval    run lm-evaluation-harness with the vllm-loglik and vllm-loglik-chat models;
+  eval    run lm-evaluation-harness with the vllm-loglik-offline (in process, lm-eval's
+          `vllm` arguments), vllm-loglik and vllm-loglik-chat (through a server) models;
           takes lm_eval's arguments, e.g.
+          vllm-loglik eval --model vllm-loglik-offline \\
+              --model_args pretrained=MODEL,dtype=auto --tasks hellaswag --batch_size auto
           vllm-loglik eval --model vllm-loglik \\
               --model_args base_url=http://127.0.0.1:8000/v1/completions,model=MODEL \\
               --tasks hellaswag

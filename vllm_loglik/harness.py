@@ -1,6 +1,7 @@
 """lm-evaluation-harness models that score through a server's `loglikelihood` field.
 
-Importing this module registers two lm-eval models:
+Importing this module registers three lm-eval models: `vllm-loglik-offline`, in process
+(`vllm_loglik.harness_offline`), and two that go through a server:
 
 * `vllm-loglik`: `/v1/completions`. `loglikelihood` sends each context once, with all of its
   continuations in `loglikelihood.continuations` (the server computes the context once);

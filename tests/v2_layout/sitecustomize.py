@@ -6,7 +6,8 @@ vLLM on a GPU runs Model Runner V2, which returns the prompt logprobs of a reque
 for every position and leaves the cached ones unset. This file is put on the `PYTHONPATH` of
 one test server only (Python imports `sitecustomize` at start-up), and rewrites each V1
 `RequestOutput` into V2's layout in the API server process, where the plugin reads it, by
-wrapping `RequestState._new_request_output` in `vllm/v1/engine/output_processor.py`.
+wrapping `RequestState._new_request_output` in `vllm/v1/engine/output_processor.py` when that
+module is imported.
 
 Every rewrite is appended to the file named by `VLLM_LOGLIK_V2_LAYOUT_LOG`, so the test can
 show that the V2 layout was really served.
@@ -16,19 +17,24 @@ output of a request that read the cache a length that fits neither layout, and `
 does so to every output, so that the plugin's fallback and its fault reporting can be tested.
 """
 
+import importlib.abc
+import importlib.util
 import os
+import sys
 
 BREAK_CACHED = [1000, 1001, 1002, 1003]
 BREAK_ALL = [1003, 1002, 1001, 1000]
 
 
-def _install() -> None:
-    log_path = os.environ.get("VLLM_LOGLIK_V2_LAYOUT_LOG")
-    if not log_path:
-        return
+TARGET = "vllm.v1.engine.output_processor"
+
+
+def _install(module) -> None:
+    log_path = os.environ["VLLM_LOGLIK_V2_LAYOUT_LOG"]
     from vllm.logprobs import FlatLogprobs
     from vllm.outputs import RequestOutput
-    from vllm.v1.engine.output_processor import RequestState
+
+    RequestState = module.RequestState
 
     original = RequestState._new_request_output
 
@@ -57,4 +63,25 @@ def _install() -> None:
     RequestState._new_request_output = v2_layout
 
 
-_install()
+class _WhenImported(importlib.abc.MetaPathFinder):
+    """Wraps the output processor when (and only if) a process imports it: every other Python
+    process started with this `PYTHONPATH` (the engine's workers, the compilers' probes that
+    torch runs in subprocesses) pays nothing, and imports no vLLM because of this file."""
+
+    def find_spec(self, name, path, target=None):
+        if name != TARGET:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run = spec.loader.exec_module
+
+        def exec_module(module) -> None:
+            run(module)
+            _install(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if os.environ.get("VLLM_LOGLIK_V2_LAYOUT_LOG"):
+    sys.meta_path.insert(0, _WhenImported())
