@@ -285,6 +285,12 @@ class ApiServer:
 if __name__ == "__main__":
     import sys
 
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m vllm_loglik.testing PATH  (builds the demo model in PATH)")
-    print(build_tiny_model(sys.argv[1]))
+    args = sys.argv[1:]
+    if len(args) not in (1, 3) or (len(args) == 3 and args[1] != "--lora"):
+        sys.exit(
+            "usage: python -m vllm_loglik.testing PATH [--lora ADAPTER_PATH]\n"
+            "  builds the demo model in PATH (and a random LoRA adapter of it in ADAPTER_PATH)"
+        )
+    print(build_tiny_model(args[0]))
+    if len(args) == 3:
+        print(build_lora_adapter(args[0], args[2], seed=1))
