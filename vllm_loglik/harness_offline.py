@@ -84,9 +84,6 @@ class _Engine:
             # lm-eval's `vllm` model names its adapter this way.
             self.lora_request = LoRARequest("finetuned", 1, lora_local_path)
 
-    def max_model_len(self) -> int:
-        return self.llm.llm_engine.model_config.max_model_len
-
     def score(
         self, groups: Sequence[Sequence[Span]], max_spans: int | None, on_done: Any = None
     ) -> list[list[tuple[float, bool]]]:
