@@ -114,13 +114,15 @@ class _Replicas:
         from .ray_data import ray_env
 
         if not ray.is_initialized():
-            ray.init(runtime_env={"env_vars": ray_env()})
+            # The driver's vLLM settings go to the actors, but not vLLM's data-parallel
+            # variables: each replica is an engine of its own (data parallel size 1).
+            env = {k: v for k, v in ray_env().items() if not k.startswith("VLLM_DP_")}
+            ray.init(runtime_env={"env_vars": env})
         gpus = int(model_args.get("tensor_parallel_size") or 1)
         # Without GPUs (the CPU build) an actor reserves one CPU, as lm-eval's tasks do.
         has_gpus = ray.cluster_resources().get("GPU", 0) > 0
         actor = ray.remote(num_gpus=gpus if has_gpus else 0)(_Engine)
-        # The inner engine must not itself use Ray (nested placement groups deadlock), and
-        # vLLM's own data-parallel variables must not leak from this process into it.
+        # The inner engine must not itself use Ray (nested placement groups deadlock).
         args = {k: v for k, v in model_args.items() if k != "distributed_executor_backend"}
         self.actors = [actor.remote(args, lora_local_path) for _ in range(count)]
         self.ray = ray
