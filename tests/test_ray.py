@@ -51,6 +51,8 @@ def ray_address():
 def test_map_batches_scores_rows_of_columns_as_the_offline_api(ray_address, model_path, llm):
     from vllm_loglik.ray_data import LoglikelihoodScorer
 
+    # Ray Data yields batches in any order unless asked to keep it (`run_ray` asks too).
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     ds = ray.data.from_items(ROWS).map_batches(
         LoglikelihoodScorer,
         fn_constructor_kwargs={"model": model_path, **ENGINE},
