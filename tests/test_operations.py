@@ -13,6 +13,8 @@ from __future__ import annotations
 import concurrent.futures
 import re
 
+import httpx
+
 import pytest
 
 import vllm_loglik
@@ -69,15 +71,9 @@ def test_counters_move_as_the_requests_say(server, llm, ref):
     # Every request is in the latency histogram; the fallbacks are exported, at 0.
     assert metric(server, "vllm_loglik:request_duration_seconds_count",
                   endpoint="completions") == latency + 3  # fmt: skip
-    text = server_metrics_text(server)
+    text = httpx.get(server.url + "/metrics").text
     for reason in ("layout", "missing_entry", "wrong_token"):  # never, on a readable layout
         assert f'vllm_loglik:fallbacks_total{{reason="{reason}"}} 0.0' in text
-
-
-def server_metrics_text(server) -> str:
-    import httpx
-
-    return httpx.get(server.url + "/metrics").text
 
 
 def test_an_empty_last_message_is_a_400_naming_its_content(server):

@@ -24,7 +24,7 @@ from ..jobs import Job, Scorer
 from ..scoring import Score
 from .limits import Limits
 from .lora_turns import Turns
-from .metrics import metrics
+from .metrics import metrics, model_label
 
 
 logger = logging.getLogger("vllm_loglik.server")
@@ -66,13 +66,8 @@ class ServerScoring:
             logger.warning("loglikelihood requests will be refused: %s", self.lora_problem)
         #: Base-model and adapter scoring take turns where the engine would mix them up.
         self.turns = Turns() if lora_mixing_unsafe(engine_client.vllm_config) else None
-        models = getattr(state, "openai_serving_models", None)
-        served = engine_client.model_config.served_model_name
-        #: The `model` label of the base model in the metrics: its first served name.
-        self.base_name = (
-            models.base_model_paths[0].name if models is not None
-            else served if isinstance(served, str) else served[0]
-        )  # fmt: skip
+        #: The `model` label of the base model in the metrics (a request without `model`).
+        self.base_name = model_label(None, getattr(state, "openai_serving_models", None))
 
     async def _generate(self, request: EngineRequest, lora_request: Any) -> Any:
         from vllm.inputs import TokensPrompt
