@@ -8,10 +8,9 @@ import pytest
 
 from vllm_loglik.engine_output import EngineOutputError, ScoredRows
 from vllm_loglik.jobs import Scorer
-from vllm_loglik.scoring import TokenDecoder, score_span, score_tokens
+from vllm_loglik.scoring import score_span, score_tokens
 from vllm_loglik.spans import (
     Span,
-    TextEncoder,
     check_text,
     get_rolling_token_windows,
     make_disjoint_window,
@@ -20,6 +19,7 @@ from vllm_loglik.spans import (
     prompt_span,
     validate_conversation,
 )
+from vllm_loglik.tokenization import Tokenization
 
 
 def test_rolling_windows_match_lm_eval_gold():
@@ -100,6 +100,9 @@ class FakeTokenizer:
         ids = [ord(c) - 97 for c in text]
         return ([0] if add_special_tokens else []) + ids
 
+    def __len__(self):
+        return 64
+
 
 def test_score_sums_and_greedy_and_top_logprobs():
     span = Span([0, 3, 4, 5], 2)
@@ -109,7 +112,7 @@ def test_score_sums_and_greedy_and_top_logprobs():
         {4: LP(-0.5, 1), 6: LP(-1.5, 2)},
         {5: LP(-2.0, 3), 7: LP(-0.2, 1), 8: LP(-1.0, 2)},
     ]
-    score = score_span(span, lps, TokenDecoder(FakeTokenizer()), top_logprobs=2)
+    score = score_span(span, lps, Tokenization(FakeTokenizer()), top_logprobs=2)
     assert score.logprob == pytest.approx(-2.5)
     assert score.num_tokens == 2
     assert not score.is_greedy
@@ -121,17 +124,17 @@ def test_score_sums_and_greedy_and_top_logprobs():
     ll, greedy = score
     assert (ll, greedy) == (-2.5, False)
 
-    greedy_score = score_span(Span([0, 3, 4], 2), lps[:3], TokenDecoder(FakeTokenizer()))
+    greedy_score = score_span(Span([0, 3, 4], 2), lps[:3], Tokenization(FakeTokenizer()))
     assert greedy_score.is_greedy and greedy_score.tokens[0].top_logprobs == []
 
 
 def test_score_rejects_mismatched_logprobs_as_an_engine_fault():
     with pytest.raises(EngineOutputError, match="1 entries"):
-        score_span(Span([0, 3], 1), [None], TokenDecoder(FakeTokenizer()))
+        score_span(Span([0, 3], 1), [None], Tokenization(FakeTokenizer()))
     with pytest.raises(EngineOutputError, match="cannot read"):
-        score_span(Span([0, 3], 1), [None, {9: LP(-1, 1)}], TokenDecoder(FakeTokenizer()))
+        score_span(Span([0, 3], 1), [None, {9: LP(-1, 1)}], Tokenization(FakeTokenizer()))
     with pytest.raises(EngineOutputError, match="2 scored entries for 1"):
-        score_tokens(Span([0, 3], 1), ScoredRows([-1.0] * 2, [1] * 2), TokenDecoder(FakeTokenizer()))
+        score_tokens(Span([0, 3], 1), ScoredRows([-1.0] * 2, [1] * 2), Tokenization(FakeTokenizer()))
 
 
 def test_scorer_errors_name_the_problem():
@@ -149,8 +152,12 @@ def test_scorer_errors_name_the_problem():
         scorer.chat([{"role": "user", "content": "x"}, {"role": "user", "content": 3}])
     with pytest.raises(ValueError, match="rolling text must not be empty"):
         scorer.rolling("")
-    with pytest.raises(ValueError, match="string or a list of token ids"):
+    with pytest.raises(ValueError, match=r"prompt\[1\] must be a token id"):
         scorer.prompt([1, "a"])
+    with pytest.raises(ValueError, match=r"prompt\[2\] is token id 64, outside"):
+        scorer.prompt([1, 2, 64])
+    with pytest.raises(ValueError, match="string or a list of token ids"):
+        scorer.prompt(3)
     # Rolling windows fit the engine: each prompt is at most max_model_len - 1 tokens.
     spans = scorer.rolling("abcdefghijklmnopqrstuvwxyz").spans
     assert all(len(s.prompt_token_ids) <= 7 for s in spans)
@@ -173,14 +180,14 @@ class MergingTokenizer(FakeTokenizer):
 
 
 def test_pair_keeps_lm_eval_split_where_the_context_is_a_prefix():
-    encoder = TextEncoder(MergingTokenizer())
+    encoder = Tokenization(MergingTokenizer())
     # The merge is inside the continuation: lm-eval's whole[len(ctx):] as it is.
     span = pair_span(encoder, "ab", "cxy")
     assert span.prompt_token_ids == [0, 0, 1, 2, 50] and span.start == 3
 
 
 def test_pair_encodes_the_continuation_alone_when_bpe_merges_across_the_boundary():
-    encoder = TextEncoder(MergingTokenizer())
+    encoder = Tokenization(MergingTokenizer())
     # encode("abx") = [0, 0, 1, 23] is not a prefix of encode("abxyz") = [0, 0, 1, 50, 25]:
     # lm-eval would score [25] ("z") and lose "y"; the continuation is scored whole instead.
     span = pair_span(encoder, "abx", "yz")
@@ -192,7 +199,7 @@ def test_pair_encodes_the_continuation_alone_when_bpe_merges_across_the_boundary
 
 
 def test_unencodable_text_is_a_value_error_naming_it():
-    encoder = TextEncoder(FakeTokenizer())
+    encoder = Tokenization(FakeTokenizer())
     with pytest.raises(ValueError, match=r"the continuation is not valid Unicode.*U\+D800"):
         pair_span(encoder, "ab", "c\ud800")
     with pytest.raises(ValueError, match="the context is not valid Unicode"):

@@ -17,6 +17,7 @@ from .offline import (
     chat_loglikelihood,
     loglikelihood,
     loglikelihood_rolling,
+    loglikelihood_tokens,
     prompt_loglikelihood,
 )
 from .scoring import Score, TokenScore, TopLogprob
@@ -30,6 +31,7 @@ __all__ = [
     "chat_loglikelihood",
     "loglikelihood",
     "loglikelihood_rolling",
+    "loglikelihood_tokens",
     "prompt_loglikelihood",
 ]
 __version__ = "0.1.0"

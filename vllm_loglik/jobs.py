@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .engine_output import ScoredRows
-from .scoring import Score, TokenDecoder, combine, score_tokens, score_totals
+from .scoring import Score, combine, score_tokens, score_totals, scored_text
 from .spans import (
     Span,
-    TextEncoder,
     chat_span,
     check_text,
     excerpt,
@@ -28,8 +27,10 @@ from .spans import (
     prompt_span,
     rolling_spans,
     rolling_token_spans,
+    token_pair_span,
     validate_conversation,
 )
+from .tokenization import Tokenization
 
 #: The most alternatives per token that a request may ask for (the OpenAI API's limit).
 MAX_TOP_LOGPROBS = 20
@@ -52,12 +53,15 @@ def check_top_logprobs(value: Any, field: str = "top_logprobs") -> int:
 
 
 class Scorer:
-    """Builds the jobs of every scoring mode for one tokenizer and context length."""
+    """Builds the jobs of every scoring mode for one tokenizer and context length.
+
+    `tokenizer` is the engine's (`LLM.get_tokenizer()`, the server's renderer's): a
+    transformers tokenizer, or vLLM's `MistralTokenizer` under `tokenizer_mode="mistral"`.
+    """
 
     def __init__(self, tokenizer: Any, max_model_len: int, chat_template: str | None = None):
         self.tokenizer = tokenizer
-        self.encoder = TextEncoder(tokenizer)
-        self.decode = TokenDecoder(tokenizer)
+        self.tokens = Tokenization(tokenizer)
         self.max_model_len = max_model_len
         self.max_prompt_len = max_model_len - 1
         self.chat_template = chat_template
@@ -71,43 +75,60 @@ class Scorer:
             )
         return span
 
+    def _ids(self, value: Any, what: str) -> list[int] | None:
+        """`value` as token ids (checked against the vocabulary), or None if it is no list."""
+        if isinstance(value, str) or not isinstance(value, Sequence):
+            return None
+        return self.tokens.check_ids(value, what)
+
     def pair(self, context: str, continuation: str) -> Job:
         """lm-eval `loglikelihood`: `continuation` given `context` (see `spans.pair_span`)."""
-        span = pair_span(self.encoder, context, continuation)
+        span = pair_span(self.tokens, context, continuation)
         return Job(continuation, [self._fits(span, "context plus continuation")])
 
     def rolling(self, text: str | Sequence[int]) -> Job:
         """lm-eval `loglikelihood_rolling`: every token of `text`, in disjoint windows. A text
         given as token ids is taken as its tokens (no special token is added)."""
         if isinstance(text, str):
-            return Job(text, rolling_spans(self.encoder, text, self.max_model_len - 2))
-        ids = list(text)
-        spans = rolling_token_spans(ids, self.encoder.prefix_token_id, self.max_model_len - 2)
-        return Job(self.tokenizer.decode(ids), spans)
+            return Job(text, rolling_spans(self.tokens, text, self.max_model_len - 2))
+        ids = self._ids(text, "prompt") or []
+        trim = self.tokens.trimmed(ids)
+        spans = rolling_token_spans(ids, self.tokens.prefix_token_id, self.max_model_len - 2, trim)
+        return Job(self.tokens.text_of(ids, trim), spans)
 
-    def pair_ids(self, context_ids: Sequence[int], continuation: str) -> Job:
-        """`continuation` after a context given as token ids: the continuation is encoded on its
-        own, without special tokens, and appended (there is no text to move whitespace in)."""
-        check_text(continuation, "the continuation")
-        if continuation == "":
-            raise ValueError("continuation must not be empty: there would be no token to score")
-        ids = list(context_ids) or [self.encoder.prefix_token_id]
-        cont = self.encoder.encode_plain(continuation)
-        span = self._fits(Span(ids + cont, len(ids)), "context plus continuation")
-        return Job(continuation, [span])
+    def pair_ids(self, context: str | Sequence[int], continuation: str | Sequence[int]) -> Job:
+        """A continuation after a context where either is given as token ids (two texts go to
+        `pair`). Token ids are used exactly as given. A text context is encoded as vLLM encodes
+        a prompt string; a text continuation is encoded as it reads after other text
+        (`Tokenization.encode_continuation`) and appended: with token ids on one side, there
+        is no whole text to split."""
+        ctx = self._ids(context, "context")
+        if ctx is None:
+            ctx = self.tokens.encode(check_text(context, "the context")) if context else []
+        cont = self._ids(continuation, "continuation")
+        if cont is None:
+            check_text(continuation, "the continuation")
+            if continuation == "":
+                raise ValueError("continuation must not be empty: there would be no token to score")
+            cont = self.tokens.encode_continuation(continuation)
+            text = continuation
+        else:
+            text = self.tokens.text_of(cont)
+        span = token_pair_span(ctx, cont, self.tokens.prefix_token_id)
+        return Job(text, [self._fits(span, "context plus continuation")])
 
     def prompt(self, prompt: str | Sequence[int]) -> Job:
         """Every prompt token but the first; a string is encoded as vLLM encodes a prompt."""
         if isinstance(prompt, str):
-            ids = self.encoder.encode(check_text(prompt, "the prompt"))
-        elif isinstance(prompt, Sequence) and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt
-        ):
-            ids = list(prompt)
+            ids = self.tokens.encode(check_text(prompt, "the prompt"))
+            trim = self.tokens.trimmed(ids, prompt)
+        elif isinstance(prompt, Sequence):
+            ids = self.tokens.check_ids(prompt, "prompt")
+            trim = self.tokens.trimmed(ids)
         else:
             raise ValueError("prompt must be a string or a list of token ids")
-        span = self._fits(prompt_span(ids), "the prompt")
-        return Job(self.tokenizer.decode(ids[1:]), [span])
+        span = self._fits(prompt_span(ids, trim), "the prompt")
+        return Job(scored_text(self.tokens, span), [span])
 
     def chat(
         self,
@@ -133,7 +154,7 @@ class Scorer:
                 f"the final message (conversation[{len(messages) - 1}].content) must not be "
                 "empty: it is the one scored, and would have none of its text to score"
             )
-        span = chat_span(self._renderer(chat_template_kwargs), self.encoder.encode_plain, messages)
+        span = chat_span(self.tokens, self._renderer(chat_template_kwargs), messages)
         return Job(messages[-1]["content"], [self._fits(span, "the conversation")])
 
     def chat_prompt(
@@ -145,27 +166,21 @@ class Scorer:
         """Every token of the rendered conversation except the first, as the server's chat
         endpoint would render it as a prompt."""
         messages = validate_conversation(conversation)
-        text = self._renderer(chat_template_kwargs)(messages, add_generation_prompt)
-        span = self._fits(prompt_span(self.encoder.encode_plain(text)), "the conversation")
-        return Job(text, [span])
+        ids, text = self._renderer(chat_template_kwargs)(messages, add_generation_prompt)
+        span = self._fits(prompt_span(ids, self.tokens.trimmed(ids, text)), "the conversation")
+        return Job(text.decode("utf-8", errors="replace"), [span])
 
     def _renderer(self, chat_template_kwargs: dict[str, Any] | None):
         kwargs = dict(chat_template_kwargs or {})
 
-        def render(msgs: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+        def render(msgs: list[dict[str, Any]], add_generation_prompt: bool) -> tuple[list[int], bytes]:
             options = dict(kwargs)
             if add_generation_prompt:
                 # The head of a conversation whose final message continues (the request's
                 # `continue_final_message`) ends with the generation prompt: the two options
                 # exclude each other, and the option belongs to the whole rendering only.
                 options.pop("continue_final_message", None)
-            return self.tokenizer.apply_chat_template(
-                msgs,
-                tokenize=False,
-                add_generation_prompt=add_generation_prompt,
-                chat_template=self.chat_template,
-                **options,
-            )
+            return self.tokens.render_chat(msgs, add_generation_prompt, self.chat_template, options)
 
         return render
 
@@ -190,7 +205,7 @@ class Scorer:
                 count += len(rows)
             return Score(job.text, logprob, is_greedy, count, [])
         parts = [
-            score_tokens(span, rows, self.decode, top_logprobs)
+            score_tokens(span, rows, self.tokens, top_logprobs)
             for span, rows in zip(job.spans, scored, strict=True)
         ]
         return combine(job.text, parts)

@@ -128,6 +128,41 @@ def loglikelihood(
     return run_jobs(llm, jobs, top_logprobs, use_tqdm, lora_request)
 
 
+def loglikelihood_tokens(
+    llm: Any,
+    requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    top_logprobs: int = 0,
+    use_tqdm: bool = False,
+    lora_request: Any = None,
+) -> list[Score]:
+    """log P(continuation | context) for each `(context_ids, continuation_ids)` pair of token
+    ids, each used exactly as given: lm-eval's `_loglikelihood_tokens`, and the way to score n
+    sampled responses per prompt (best-of-n reranking, RL) with no detokenize-retokenize round
+    trip. An empty context is the BOS token alone (EOS when there is no BOS). Contexts shared
+    by several pairs are computed once where prefix caching is on.
+
+        >>> prompt = llm.get_tokenizer().encode("Q: 2 + 2 =")
+        >>> [a, b] = loglikelihood_tokens(llm, [(prompt, ids_a), (prompt, ids_b)])
+
+    Raises `ValueError` for an empty continuation, an id outside the vocabulary (naming
+    `requests[i]` and the id's place), or a pair longer than the model's context.
+    """
+    scorer = scorer_for(llm)
+    jobs = _jobs(requests, "requests", lambda item: scorer.pair_ids(*_token_pair(item)))
+    return run_jobs(llm, jobs, top_logprobs, use_tqdm, lora_request)
+
+
+def _token_pair(item: Any) -> tuple[Sequence[int], Sequence[int]]:
+    context, continuation = _pair(item)
+    for value, name in ((context, "context"), (continuation, "continuation")):
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+            raise ValueError(f"the {name} must be a list of token ids")
+    if not continuation:
+        raise ValueError("the continuation must not be empty: there would be no token to score")
+    return context, continuation
+
+
 def loglikelihood_rolling(
     llm: Any,
     texts: Sequence[str],

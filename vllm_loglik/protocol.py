@@ -30,7 +30,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import msgspec
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from .spans import excerpt
 
@@ -44,13 +44,15 @@ class LoglikelihoodOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    continuations: list[str] | None = Field(
+    continuations: list[str | list[StrictInt]] | None = Field(
         default=None,
         description=(
             "Texts to score. Completions: each is scored as a continuation of the prompt, as "
             "lm-evaluation-harness's loglikelihood does (trailing whitespace of the prompt moves "
-            "to the continuation). Chat: each is a candidate final assistant message, appended "
-            "to `messages` and scored under the chat template. One entry per continuation."
+            "to the continuation); a list of token ids is scored exactly as given, after the "
+            "prompt's tokens (no detokenize-retokenize round trip: best-of-n reranking, RL). "
+            "Chat: each is a candidate final assistant message, appended to `messages` and "
+            "scored under the chat template. One entry per continuation."
         ),
     )
     scope: Literal["prompt", "last_message", "rolling"] = Field(

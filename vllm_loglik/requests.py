@@ -61,6 +61,8 @@ def check_continuations(options: LoglikelihoodOptions, max_continuations: int) -
     for i, text in enumerate(continuations):
         if text == "":
             raise RequestError(f"{field}[{i}]", f"{field}[{i}] must not be an empty string")
+        if text == []:
+            raise RequestError(f"{field}[{i}]", f"{field}[{i}] must not be an empty list of token ids")
 
 
 def completion_prompts(prompt: Any) -> list[str | list[int]]:
@@ -108,8 +110,10 @@ def completion_jobs(
         jobs = []
         for i, continuation in enumerate(options.continuations):
             field = f"loglikelihood.continuations[{i}]"
+            if not isinstance(continuation, str):
+                check_token_ids(scorer, continuation, field)
             try:
-                if isinstance(prompt, str):
+                if isinstance(prompt, str) and isinstance(continuation, str):
                     jobs.append(scorer.pair(prompt, continuation))
                 else:
                     jobs.append(scorer.pair_ids(prompt, continuation))
@@ -120,6 +124,17 @@ def completion_jobs(
         raise
     except ValueError as e:
         raise RequestError(where, f"{where}: {e}") from None
+
+
+def check_token_ids(scorer: Scorer, ids: list[int], field: str) -> None:
+    """A `RequestError` naming `field[j]` for the first id outside the model's vocabulary."""
+    j = scorer.tokens.first_unknown(ids)
+    if j is not None:
+        raise RequestError(
+            f"{field}[{j}]",
+            f"{field}[{j}] is token id {ids[j]}, outside the model's vocabulary (0 to "
+            f"{scorer.tokens.vocab_size - 1})",
+        )
 
 
 def chat_messages(messages: Any) -> list[dict[str, Any]]:
@@ -189,6 +204,13 @@ def chat_jobs(
         if options.continuations is not None:
             jobs = []
             for i, text in enumerate(options.continuations):
+                if not isinstance(text, str):
+                    field = f"loglikelihood.continuations[{i}]"
+                    raise RequestError(
+                        field,
+                        f"{field}: token ids are scored after a completions prompt; on "
+                        "/v1/chat/completions a continuation is a candidate message's text",
+                    )
                 try:
                     jobs.append(scorer.chat(messages, text, kwargs))
                 except ValueError as e:

@@ -16,6 +16,7 @@ import msgspec
 
 from .engine_output import EngineOutputError, ScoredRows, require_span_logprobs
 from .spans import Span
+from .tokenization import Tokenization
 
 
 class TopLogprob(msgspec.Struct, frozen=True):
@@ -72,62 +73,6 @@ class Score:
         return math.exp(-self.logprob / self.num_tokens)
 
 
-def _byte_decoder() -> dict[str, int]:
-    # The inverse of GPT-2's bytes_to_unicode table, which byte-level BPE vocabularies use.
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars = printable[:]
-    n = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
-
-
-class TokenDecoder:
-    """Token text and exact bytes for token ids, cached per id.
-
-    `text` is the token decoded on its own (a partial UTF-8 character shows as U+FFFD, as in
-    vLLM's own logprobs); `bytes` are the token's exact bytes where the vocabulary says them
-    (byte-level BPE pieces, `<0xNN>` byte-fallback pieces), else the UTF-8 of `text`.
-    """
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self._cache: dict[int, tuple[str, list[int]]] = {}
-        self._bytes = _byte_decoder() if _is_byte_level(tokenizer) else None
-        self._special = set(getattr(tokenizer, "all_special_tokens", []))
-
-    def __call__(self, token_id: int) -> tuple[str, list[int]]:
-        hit = self._cache.get(token_id)
-        if hit is None:
-            hit = self._cache[token_id] = self._decode(token_id)
-        return hit
-
-    def _decode(self, token_id: int) -> tuple[str, list[int]]:
-        text = self.tokenizer.decode([token_id])
-        piece = self.tokenizer.convert_ids_to_tokens(token_id)
-        if isinstance(piece, str):
-            if piece in self._special:
-                return text, list(text.encode("utf-8"))
-            if self._bytes is not None and all(c in self._bytes for c in piece):
-                return text, [self._bytes[c] for c in piece]
-            if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-                return text, [int(piece[3:5], 16)]
-        return text, list(text.encode("utf-8"))
-
-
-def _is_byte_level(tokenizer: Any) -> bool:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    decoder = getattr(backend, "decoder", None)
-    return decoder is not None and "ByteLevel" in repr(decoder)
-
-
 def _check(span: Span, rows: ScoredRows) -> None:
     if len(rows) != len(span.prompt_token_ids) - span.start:
         raise EngineOutputError(
@@ -137,41 +82,52 @@ def _check(span: Span, rows: ScoredRows) -> None:
 
 
 def score_tokens(
-    span: Span, rows: ScoredRows, decode: TokenDecoder, top_logprobs: int = 0
+    span: Span, rows: ScoredRows, tokens: Tokenization, top_logprobs: int = 0
 ) -> list[TokenScore]:
     """The scored tokens of `span`, from the `ScoredRows` of its scored positions, as
     `vllm_loglik.engine_output.span_logprobs` reads them from the engine's output (in either
     model runner's layout). `top_logprobs` alternatives are kept per token, best first (the
-    rows must hold at least that many)."""
+    rows must hold at least that many).
+
+    A token's `bytes` are those it stands for in the text (`Tokenization.token`): at a position
+    where the tokenizer put its dummy prefix (`span.trim`), the leading space is dropped, from
+    the alternatives too, since they would stand there in its place."""
     _check(span, rows)
-    tokens = []
+    out = []
     top = rows.top if top_logprobs else None
     for i, token_id in enumerate(span.scored_token_ids):
+        trim = span.start + i in span.trim
         alternatives = []
         if top is not None:
             for alt_id, alt_logprob in top[i][:top_logprobs]:
-                alt_text, alt_bytes = decode(alt_id)
+                alt_text, alt_bytes = tokens.token(alt_id, trim)
                 alternatives.append(TopLogprob(alt_text, alt_id, alt_logprob, alt_bytes))
-        text, token_bytes = decode(token_id)
-        tokens.append(
+        text, token_bytes = tokens.token(token_id, trim)
+        out.append(
             TokenScore(text, token_id, rows.logprobs[i], token_bytes, rows.ranks[i], alternatives)
         )
-    return tokens
+    return out
 
 
 def score_span(
     span: Span,
     prompt_logprobs: Sequence[Mapping[int, Any] | None],
-    decode: TokenDecoder,
+    tokens: Tokenization,
     top_logprobs: int = 0,
     text: str | None = None,
 ) -> Score:
     """The `Score` of one span from the prompt logprobs of a request computed without the cache
-    (an entry per prompt position); `text` labels it (by default, the scored tokens decoded)."""
+    (an entry per prompt position); `text` labels it (by default, what the scored tokens stand
+    for)."""
     if text is None:
-        text = decode.tokenizer.decode(span.scored_token_ids)
+        text = scored_text(tokens, span)
     rows = require_span_logprobs(prompt_logprobs, 0, span, "score_span", top_logprobs)
-    return combine(text, [score_tokens(span, rows, decode, top_logprobs)])
+    return combine(text, [score_tokens(span, rows, tokens, top_logprobs)])
+
+
+def scored_text(tokens: Tokenization, span: Span) -> str:
+    """What the scored tokens of `span` stand for in the text: their `bytes`, joined."""
+    return tokens.text_of(span.scored_token_ids, frozenset(p - span.start for p in span.trim))
 
 
 def score_totals(span: Span, rows: ScoredRows) -> tuple[float, bool]:

@@ -3,11 +3,18 @@
 Every mode turns its input into one or more `Span`s: the token ids of a prompt, and the index
 of the first prompt token whose logprob is summed. The engine computes logprobs for the whole
 prompt; `vllm_loglik.scoring` then reads the scored tail. Nothing here needs an engine; the
-functions take the tokenizer (or an `encode` callable) that the engine uses.
+functions take the engine's tokenizer, wrapped in `vllm_loglik.tokenization.Tokenization`,
+which knows every tokenizer family's encodings and bytes.
+
+One rule for every tokenizer: the scored tokens are those that the engine reads for the whole
+text (what vLLM computes for that prompt), and a span is located on them, never tokenized
+apart and glued on; the one exception is lm-eval's pair rule where BPE merged tokens across the
+context/continuation boundary (see `pair_span`).
 
 The modes:
 
-* **continuation given context** (`pair_span`): lm-evaluation-harness's `loglikelihood`.
+* **continuation given context** (`pair_span`): lm-evaluation-harness's `loglikelihood`;
+  `token_pair_span` when both are token ids.
 * **rolling** (`rolling_spans`): lm-evaluation-harness's `loglikelihood_rolling`.
 * **whole prompt** (`prompt_span`): every prompt token but the first, as the hosted API's
   boolean `loglikelihood: true` did.
@@ -21,7 +28,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-Encode = Callable[[str], list[int]]
+from .tokenization import Tokenization
 
 
 @dataclass(frozen=True)
@@ -29,11 +36,15 @@ class Span:
     """A prompt for the engine and the part of it that is scored.
 
     `prompt_token_ids[start:]` are the scored tokens; `start` is at least 1, because the
-    first prompt token has no logprob.
+    first prompt token has no logprob. `trim` holds the prompt positions whose token carries
+    the tokenizer's dummy prefix (SentencePiece's `▁` in front of a text): that leading space
+    is not part of the text, so it is not part of the token's `bytes`
+    (`vllm_loglik.tokenization`).
     """
 
     prompt_token_ids: list[int]
     start: int
+    trim: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
         if not 1 <= self.start < len(self.prompt_token_ids):
@@ -45,33 +56,6 @@ class Span:
     @property
     def scored_token_ids(self) -> list[int]:
         return self.prompt_token_ids[self.start :]
-
-
-class TextEncoder:
-    """Encodes text the way vLLM encodes a prompt string, and knows the prefix token.
-
-    `encode(text)` is `tokenizer.encode(text, add_special_tokens=True)`, which is what vLLM's
-    completions path does, so a BOS token is added where the tokenizer adds one.
-    `prefix_token_id` is the BOS token, or the EOS token when there is no BOS; it stands in for
-    an empty context and starts the first rolling window.
-    """
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        prefix = tokenizer.bos_token_id
-        if prefix is None:
-            prefix = tokenizer.eos_token_id
-        if prefix is None:
-            raise ValueError("the tokenizer has neither a BOS nor an EOS token to use as a prefix")
-        self.prefix_token_id: int = prefix
-
-    def encode(self, text: str) -> list[int]:
-        check_text(text)
-        return list(self.tokenizer.encode(text, add_special_tokens=True))
-
-    def encode_plain(self, text: str) -> list[int]:
-        check_text(text)
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
 
 
 def excerpt(value: Any, limit: int = 48) -> str:
@@ -105,27 +89,29 @@ def move_trailing_whitespace(context: str, continuation: str) -> tuple[str, str]
     return stripped, context[len(stripped) :] + continuation
 
 
-def pair_span(encoder: TextEncoder, context: str, continuation: str) -> Span:
+def pair_span(tokens: Tokenization, context: str, continuation: str) -> Span:
     """The span of `continuation` given `context`, split as lm-eval 0.4.13 does where it can.
 
     After `move_trailing_whitespace`, `ctx = encode(context)` and `whole = encode(context +
     continuation)`. When `ctx` is a prefix of `whole` (text with a space or punctuation at the
-    boundary, nearly always), the continuation tokens are `whole[len(ctx):]`: lm-eval's rule.
-    An empty context becomes the prefix token alone, and the continuation is then encoded
-    without special tokens, so there is never a second BOS.
+    boundary, nearly always), the continuation tokens are `whole[len(ctx):]`: lm-eval's rule,
+    and the tokens that the engine reads for the whole text. An empty context becomes the
+    prefix token alone, and the continuation is then encoded without special tokens (as the
+    start of a text: with SentencePiece's dummy prefix), so there is never a second BOS.
 
     When `ctx` is not a prefix of `whole`, BPE merged tokens across the boundary (text without
     spaces: Chinese, Japanese, code, emoji). lm-eval's `whole[len(ctx):]` would then drop
     characters of the continuation, or leave no token at all (a zero logprob that wins every
-    comparison). Here the continuation is encoded on its own, without special tokens, and
-    appended to `ctx`, so every character of it is scored, given exactly the context.
+    comparison). Here the continuation is encoded as it reads after other text
+    (`Tokenization.encode_continuation`: no dummy prefix) and appended to `ctx`, so every
+    character of it is scored, given exactly the context.
 
     Examples, with the demo tokenizer (it adds `<s>`)::
 
         ("The capital of France is", " Paris")
             ctx [<s> The ␣capital ␣of ␣Fran ce ␣is]   whole = ctx + [␣Paris]   scored [␣Paris]
         ("print(", ")")
-            ctx [<s> pr int (]   whole [<s> pr int ()]: merged   scored encode_plain(")") = [)]
+            ctx [<s> pr int (]   whole [<s> pr int ()]: merged   scored [)]
     """
     if not isinstance(context, str) or not isinstance(continuation, str):
         raise ValueError("context and continuation must both be strings")
@@ -135,23 +121,35 @@ def pair_span(encoder: TextEncoder, context: str, continuation: str) -> Span:
         raise ValueError("continuation must not be empty: there would be no token to score")
     context, continuation = move_trailing_whitespace(context, continuation)
     if context == "":
-        ctx = [encoder.prefix_token_id]
-        cont = encoder.encode_plain(continuation)
+        ctx = [tokens.prefix_token_id]
+        cont = tokens.encode_plain(continuation)
     else:
-        ctx = encoder.encode(context)
-        whole = encoder.encode(context + continuation)
+        ctx = tokens.encode(context)
+        whole = tokens.encode(context + continuation)
         if whole[: len(ctx)] == ctx:
             cont = whole[len(ctx) :]
         else:
-            cont = encoder.encode_plain(continuation)
+            cont = tokens.encode_continuation(continuation)
     if not cont:
         raise ValueError(
             f"continuation {excerpt(continuation)} encodes to no tokens after its context"
         )
+    trim = tokens.trimmed(cont, continuation)
+    return Span(ctx + cont, len(ctx), frozenset(len(ctx) + i for i in trim))
+
+
+def token_pair_span(context_ids: Sequence[int], continuation_ids: Sequence[int], prefix: int) -> Span:
+    """The span of a continuation given as token ids after a context given as token ids,
+    each exactly as given (no text, so nothing to move or re-encode); an empty context is the
+    prefix token alone."""
+    ctx = list(context_ids) or [prefix]
+    cont = list(continuation_ids)
+    if not cont:
+        raise ValueError("a continuation of token ids must not be empty")
     return Span(ctx + cont, len(ctx))
 
 
-def prompt_span(prompt_token_ids: Sequence[int]) -> Span:
+def prompt_span(prompt_token_ids: Sequence[int], trim: frozenset[int] = frozenset()) -> Span:
     """The whole prompt: every token except the first, which has nothing to condition on."""
     ids = list(prompt_token_ids)
     if len(ids) < 2:
@@ -159,7 +157,7 @@ def prompt_span(prompt_token_ids: Sequence[int]) -> Span:
             f"loglikelihood of a prompt needs at least 2 tokens (the first is not scored); "
             f"got {len(ids)}"
         )
-    return Span(ids, 1)
+    return Span(ids, 1, trim)
 
 
 def get_rolling_token_windows(
@@ -200,7 +198,7 @@ def make_disjoint_window(pair: tuple[list[int], list[int]]) -> tuple[list[int], 
     return a[: len(a) - (len(b) - 1)], b
 
 
-def rolling_spans(encoder: TextEncoder, text: str, max_seq_len: int) -> list[Span]:
+def rolling_spans(tokens: Tokenization, text: str, max_seq_len: int) -> list[Span]:
     """The disjoint rolling windows of `text`; each of its tokens is scored exactly once.
 
     The text is encoded without special tokens, and the windows are lm-eval's
@@ -216,17 +214,26 @@ def rolling_spans(encoder: TextEncoder, text: str, max_seq_len: int) -> list[Spa
     if not isinstance(text, str):
         raise ValueError(f"a rolling text must be a string, got {type(text).__name__}")
     check_text(text, "the rolling text")
-    return rolling_token_spans(encoder.encode_plain(text), encoder.prefix_token_id, max_seq_len)
+    ids = tokens.encode_plain(text)
+    return rolling_token_spans(ids, tokens.prefix_token_id, max_seq_len, tokens.trimmed(ids, text))
 
 
-def rolling_token_spans(tokens: Sequence[int], prefix_token_id: int, max_seq_len: int) -> list[Span]:
-    """The disjoint rolling windows of a text given as its tokens (see `rolling_spans`)."""
+def rolling_token_spans(
+    tokens: Sequence[int],
+    prefix_token_id: int,
+    max_seq_len: int,
+    trim: frozenset[int] = frozenset(),
+) -> list[Span]:
+    """The disjoint rolling windows of a text given as its tokens (see `rolling_spans`);
+    `trim` holds the indices of `tokens` that carry the dummy prefix."""
     if not tokens:
         raise ValueError("a rolling text must not be empty: there would be no token to score")
     windows = get_rolling_token_windows(list(tokens), prefix_token_id, max_seq_len, 1)
-    spans = []
+    spans, done = [], 0
     for ctx, pred in map(make_disjoint_window, windows):
-        spans.append(Span(ctx + pred, len(ctx)))
+        at = {len(ctx) + i - done for i in trim if done <= i < done + len(pred)}
+        spans.append(Span(ctx + pred, len(ctx), frozenset(at)))
+        done += len(pred)
     return spans
 
 
@@ -251,48 +258,55 @@ def validate_conversation(conversation: Any, what: str = "conversation") -> list
     return messages
 
 
-def chat_span(
-    render: Callable[[list[dict[str, Any]], bool], str],
-    encode_plain: Encode,
-    conversation: list[dict[str, Any]],
-) -> Span:
+#: Renders a conversation (`add_generation_prompt` as the second argument) to the token ids
+#: that the engine reads and the text (UTF-8) that they stand for.
+Render = Callable[[list[dict[str, Any]], bool], tuple[list[int], bytes]]
+
+
+def chat_span(tokens: Tokenization, render: Render, conversation: list[dict[str, Any]]) -> Span:
     """The span of the final message of `conversation` under a chat template.
 
-    `render(messages, add_generation_prompt)` renders with the chat template (it includes the
-    BOS token if the template writes one). The final message's tokens are those of the full
-    rendering from where the message's content starts: the earlier messages (rendered with the
-    generation prompt when the final message is the assistant's) and the template's header for
-    the final message are context, not scored. The template's end-of-turn markup after the
-    content is scored: it is what the model must emit to end its message there.
+    The tokens are those of the whole rendered conversation, as the engine reads it
+    (`render(conversation, False)`); the scored ones start at the token that holds the first
+    character of the final message's content. The earlier messages and the template's header
+    for the final message are context; a token that holds both the end of the header and the
+    start of the content (SentencePiece's `▁In` after `[/INST]`) is scored, since the model
+    reads it as one. The template's end-of-turn markup after the content is scored too: it is
+    what the model must emit to end its message there.
 
-    Example, with the demo model's template and `[user: "Hi", assistant: "Hello"]`:
-    context `<s><|user|>\\nHi<|end|>\\n<|assistant|>\\n`, scored `Hello<|end|>\\n`.
+    Examples, `[user: "Hi", assistant: "Hello"]`. The demo model's template: context
+    `<s><|user|>\nHi<|end|>\n<|assistant|>\n`, scored `Hello<|end|>\n`. Llama 2's
+    template on a SentencePiece tokenizer: `<s>[INST] Hi [/INST] Hello </s>` reads
+    `... ] ▁Hello ▁ </s>`, scored `▁Hello ▁ </s>`.
     """
     last = conversation[-1]
-    full = render(conversation, False)
+    full_ids, full = render(conversation, False)
     try:
-        head = render(conversation[:-1], last["role"] == "assistant")
+        _, head = render(conversation[:-1], last["role"] == "assistant")
     except Exception:  # some templates refuse an empty or assistant-less conversation
         if len(conversation) > 1:
             raise
-        head = ""
+        head = b""
     if not full.startswith(head):
         raise ValueError(
             "the chat template does not render the earlier messages as a prefix of the whole "
             "conversation, so the final message cannot be isolated"
         )
-    # The message's own header (e.g. `<|user|>\n`) is context too: scoring starts where its
-    # content does.
-    content_at = full.find(last["content"], len(head)) if last["content"] else -1
-    if content_at >= 0:
-        head = full[:content_at]
-    head_ids = encode_plain(head) if head else []
-    full_ids = encode_plain(full)
-    if full_ids[: len(head_ids)] != head_ids:
-        # The boundary merged into one token: split on the text instead, tokenizing the head
-        # alone and the rest after it, as the pair rule does.
-        full_ids = head_ids + encode_plain(full[len(head) :])
-    start = max(len(head_ids), 1)
+    # Where the content starts: templates may strip it (Llama 2's does), so the stripped
+    # content is looked for too; else scoring starts where the earlier messages end.
+    content_at = len(head)
+    for text in (last["content"], last["content"].strip()):
+        found = full.find(text.encode("utf-8"), len(head)) if text else -1
+        if found >= 0:
+            content_at = found
+            break
+    alignment = tokens.align(full_ids, full)
+    if alignment is None:
+        raise ValueError(
+            "the tokens of the rendered conversation do not spell its text, so the final "
+            "message cannot be located on them"
+        )
+    start = max(alignment.token_at(content_at), 1)
     if start >= len(full_ids):
         raise ValueError("the final message renders to no tokens to score")
-    return Span(full_ids, start)
+    return Span(full_ids, start, frozenset(i for i in alignment.trim if i >= start))

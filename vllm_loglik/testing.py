@@ -1,12 +1,20 @@
 """Small, deterministic models built on disk, for tests, the demo and the benchmarks.
 
-No model hub is needed: the tokenizer is a byte-level BPE trained with the `tokenizers`
-library on text that ships with this package (or on a text the caller passes), and the
-model is a `LlamaForCausalLM` with seeded random weights, saved with `save_pretrained`.
-The same arguments give the same files, so a path can be reused between runs.
-
+No model hub is needed. The demo model's tokenizer is a byte-level BPE trained with the
+`tokenizers` library on text that ships with this package (or on a text the caller passes),
+and the model is a `LlamaForCausalLM` with seeded random weights, saved with
+`save_pretrained`. The same arguments give the same files, so a path can be reused between runs.
 The tokenizer adds a BOS token (`<s>`) in front of every encoded text, as Llama's does, and
 has a chat template, so every scoring mode of `vllm_loglik` can run on it.
+
+Two more models carry real production tokenizers, from the `mistral_common` package that vLLM
+installs (`mistral_common/data/`), around small random weights:
+
+* `build_sentencepiece_model`: Mistral 7B v0.1's SentencePiece model (32,000 pieces, `▁` word
+  marker, byte fallback: the Llama 2 kind) as a transformers tokenizer, the way hub
+  repositories hold it, with Llama 2's `[INST]` chat template;
+* `build_tekken_model`: Tekken (Mistral NeMo's, tiktoken-style, 131,072 tokens) for vLLM's
+  `tokenizer_mode="mistral"`.
 """
 
 from __future__ import annotations
@@ -132,6 +140,101 @@ def build_model(path: str | Path, shape: ModelShape = TINY, corpus: str | None =
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     stamp.write_text(wanted)
+    return path
+
+
+#: Llama 2's chat template (as hub repositories of Llama 2 and Mistral 7B v0.1 hold it, without
+#: the system prompt): `<s>[INST] question [/INST] answer </s>`, a space before the answer.
+INST_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}"
+    "{{ bos_token + '[INST] ' + message['content'].strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{ ' ' + message['content'].strip() + ' ' + eos_token }}"
+    "{% endif %}"
+    "{% endfor %}"
+)
+
+#: The small shape around the real tokenizers: the demo model's, with their vocabularies.
+SMALL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2)
+
+
+def mistral_common_data() -> Path:
+    """The folder of real tokenizer files that the `mistral_common` package ships."""
+    import mistral_common
+
+    return Path(mistral_common.__file__).parent / "data"
+
+
+def _random_weights(path: Path, architecture: str, vocab_size: int, bos: int, eos: int) -> None:
+    import torch
+    import transformers
+
+    config_class = getattr(transformers, architecture.replace("ForCausalLM", "Config"))
+    config = config_class(
+        vocab_size=vocab_size,
+        num_key_value_heads=SMALL["num_attention_heads"],
+        max_position_embeddings=4096,
+        initializer_range=TINY.initializer_range,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        tie_word_embeddings=False,
+        **SMALL,
+    )
+    torch.manual_seed(0)
+    model = getattr(transformers, architecture)(config).to(torch.float32)
+    model.save_pretrained(path)
+
+
+def _stamp(path: Path, what: str) -> bool:
+    """Whether `path` already holds the model `what`; else prepares the folder for it."""
+    stamp = path / "vllm_loglik_shape.json"
+    if stamp.exists() and stamp.read_text() == what:
+        return True
+    path.mkdir(parents=True, exist_ok=True)
+    return False
+
+
+def build_sentencepiece_model(path: str | Path) -> Path:
+    """A `LlamaForCausalLM` of the small shape with Mistral 7B v0.1's SentencePiece tokenizer
+    (`tokenizer.model.v1`), converted by transformers as for a hub repository of Llama 2 or
+    Mistral 7B (`LlamaTokenizer`, legacy, BOS added), and Llama 2's chat template."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    what = json.dumps({"tokenizer": "tokenizer.model.v1", **SMALL}, sort_keys=True)
+    if _stamp(path, what):
+        return path
+    shutil.copy(mistral_common_data() / "tokenizer.model.v1", path / "tokenizer.model")
+    config = {"tokenizer_class": "LlamaTokenizer", "legacy": True, "add_bos_token": True,
+              "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}  # fmt: skip
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = INST_CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    _random_weights(path, "LlamaForCausalLM", len(tokenizer), tokenizer.bos_token_id,
+                    tokenizer.eos_token_id)  # fmt: skip
+    (path / "vllm_loglik_shape.json").write_text(what)
+    return path
+
+
+def build_tekken_model(path: str | Path) -> Path:
+    """A `MistralForCausalLM` of the small shape with Mistral NeMo's Tekken tokenizer
+    (`tekken_240718.json` as `tekken.json`), for `tokenizer_mode="mistral"`."""
+    import shutil
+
+    from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
+    path = Path(path)
+    what = json.dumps({"tokenizer": "tekken_240718.json", **SMALL}, sort_keys=True)
+    if _stamp(path, what):
+        return path
+    shutil.copy(mistral_common_data() / "tekken_240718.json", path / "tekken.json")
+    tekken = Tekkenizer.from_file(path / "tekken.json")
+    _random_weights(path, "MistralForCausalLM", tekken.n_words, tekken.bos_id, tekken.eos_id)
+    (path / "vllm_loglik_shape.json").write_text(what)
     return path
 
 
