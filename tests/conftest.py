@@ -58,13 +58,13 @@ def llm(model_path):
 class Reference:
     """A plain transformers forward pass: what every vLLM number is checked against."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, tokenizer: bool = True):
         import torch
-        from transformers import AutoTokenizer, LlamaForCausalLM
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.torch = torch
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(path) if tokenizer else None
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
     def token_logprobs(self, ids: list[int]) -> tuple[list[float], list[int]]:
         """log P(ids[i] | ids[:i]) and the argmax token at each position i >= 1."""

@@ -1,0 +1,313 @@
+"""Every tokenizer family that users serve, scored exactly, offline and on the server.
+
+Three models, each with a real engine and a real server (one per family for the module):
+the byte-level BPE demo model, a Llama model with Mistral 7B v0.1's SentencePiece tokenizer as
+a transformers tokenizer and Llama 2's `[INST]` chat template, and a Mistral model with Tekken
+under `tokenizer_mode="mistral"` (both tokenizers from `mistral_common/data/`). Every number is
+checked in float32 against a transformers forward pass over the ids that the family's own
+tokenizer gives the whole text (mistral-common's own encodings for Tekken), 1e-4 per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import vllm_loglik
+from vllm_loglik.protocol import entries
+
+from .conftest import API_KEY, MAX_MODEL_LEN, Reference, Server
+
+TOL = 1e-4
+FAMILIES = ("bpe", "sentencepiece", "tekken")
+
+PAIRS = [
+    ("The capital of France is", " Paris"),  # a leading space
+    ("The answer is", "42"),  # no space
+    ("東京は日本の", "首都です。"),  # text without spaces
+    ("Emoji:", " 🙂 𝔘𝔫𝔦 ☕"),  # characters outside the vocabulary: byte tokens
+    ("", "Hello world"),  # an empty context: BOS alone
+    ("Hello", " said Ωμέγα. In the morning"),
+    ("Q: A ", "B"),  # the context's trailing space moves to the continuation
+]
+PROMPT = " said Ωμέγα. In the morning, the capital of France is Paris."
+ROLLING = " ".join(["A long text, scored in several windows: Ωμέγα, 東京, 🙂."] * 14)
+CHAT = [
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "In the morning, Paris."},
+]
+CANDIDATES = ["Paris.", "It is Rome, I think.", "Ωμέγα 🙂"]
+
+
+@dataclass
+class Family:
+    """One tokenizer family: its model, engine, server, and reference encodings."""
+
+    name: str
+    path: Path
+    llm: Any
+    server: Server
+    ref: Reference
+    hf: Any  # the transformers tokenizer (None for Tekken)
+    mistral: Any  # mistral-common's MistralTokenizer (Tekken only)
+
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        if self.mistral is not None:
+            raw = self.mistral.instruct_tokenizer.tokenizer
+            return raw.encode(text, bos=special, eos=False)
+        return self.hf.encode(text, add_special_tokens=special)
+
+    def chat(self, messages: list[dict[str, str]]) -> tuple[list[int], int]:
+        """The ids of a conversation and the index of the final message's first token, from
+        the family's own tokenizer: transformers' template and offsets, or mistral-common's
+        encoding (the final assistant message: its content and `</s>`)."""
+        content = messages[-1]["content"]
+        if self.mistral is not None:
+            from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+            raw = self.mistral.instruct_tokenizer.tokenizer
+            if messages[-1]["role"] == "assistant":
+                head = self.mistral.encode_chat_completion(
+                    ChatCompletionRequest.from_openai(messages[:-1])
+                ).tokens
+                return head + raw.encode(content, bos=False, eos=False) + [raw.eos_id], len(head)
+            ids = self.mistral.encode_chat_completion(ChatCompletionRequest.from_openai(messages)).tokens
+            inst = raw.get_control_token("[INST]")
+            return ids, max(i for i, t in enumerate(ids) if t == inst) + 1
+        text = self.hf.apply_chat_template(messages, tokenize=False)
+        head = self.hf.apply_chat_template(
+            messages[:-1], tokenize=False, add_generation_prompt=messages[-1]["role"] == "assistant"
+        ) if len(messages) > 1 else ""  # fmt: skip
+        at = text.find(content.strip(), len(head))
+        encoded = self.hf(text, add_special_tokens=False, return_offsets_mapping=True)
+        start = next(i for i, (_, end) in enumerate(encoded["offset_mapping"]) if end > at)
+        return encoded["input_ids"], start
+
+
+def _server(path: Path, log: Path, extra: list[str]) -> Server:
+    return Server(str(path), log, True, API_KEY, extra_args=extra)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, tmp_path_factory):
+    from vllm import LLM
+
+    from vllm_loglik import testing
+
+    name = request.param
+    if name == "bpe":  # the session's demo model, engine and server
+        path = Path(request.getfixturevalue("model_path"))
+        yield Family(name, path, request.getfixturevalue("llm"),
+                     request.getfixturevalue("server"), request.getfixturevalue("ref"),
+                     request.getfixturevalue("ref").tokenizer, None)  # fmt: skip
+        return
+    root = tmp_path_factory.mktemp(name)
+    mode: list[str] = []
+    mistral = None
+    if name == "sentencepiece":
+        path = testing.build_sentencepiece_model(root / "model")
+    else:
+        from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+        path = testing.build_tekken_model(root / "model")
+        mode = ["--tokenizer-mode", "mistral"]
+        mistral = MistralTokenizer.from_file(str(path / "tekken.json"))
+    llm = LLM(str(path), dtype="float32", max_model_len=MAX_MODEL_LEN, enforce_eager=True,
+              seed=0, block_size=32, tokenizer_mode="mistral" if mode else "auto")  # fmt: skip
+    server = _server(path, root / "server.log", mode)
+    ref = Reference(str(path), tokenizer=mistral is None)
+    try:
+        yield Family(name, path, llm, server, ref, ref.tokenizer, mistral)
+    finally:
+        server.stop()
+        llm.llm_engine.engine_core.shutdown()
+
+
+def joined(score) -> bytes:
+    return b"".join(bytes(t.bytes) for t in score.tokens)
+
+
+def check(family: Family, ids: list[int], start: int, score) -> None:
+    """`score` holds `ids[start:]`, with transformers' logprobs and greedy flag."""
+    assert score.token_ids == ids[start:]
+    expected, greedy = family.ref.score(ids, start)
+    got = [t.logprob for t in score.tokens]
+    assert got == pytest.approx(expected, abs=TOL)
+    assert score.logprob == pytest.approx(sum(expected), abs=TOL * len(expected))
+    assert score.is_greedy == greedy
+
+
+def expected_pair(family: Family, context: str, continuation: str) -> tuple[list[int], list[int] | None]:
+    """lm-eval's split on the family's own tokenizer: the context's ids, and the
+    continuation's (`whole[len(ctx):]`), or None where BPE merged across the boundary."""
+    stripped = context.rstrip()
+    continuation = context[len(stripped):] + continuation
+    if not stripped:
+        return [family.encode("")[0]], family.encode(continuation, special=False)
+    ctx, whole = family.encode(stripped), family.encode(stripped + continuation)
+    return ctx, whole[len(ctx) :] if whole[: len(ctx)] == ctx else None
+
+
+def test_continuations_offline(family):
+    scores = vllm_loglik.loglikelihood(family.llm, PAIRS)
+    for (context, continuation), score in zip(PAIRS, scores, strict=True):
+        ctx, cont = expected_pair(family, context, continuation)
+        if cont is not None:  # lm-eval's rule: the whole text's tokens
+            assert score.token_ids == cont, (context, continuation)
+        check(family, ctx + score.token_ids, len(ctx), score)
+        moved = context[len(context.rstrip()):] + continuation
+        assert joined(score) == moved.encode(), (context, continuation)
+        for t in score.tokens:  # a character split between tokens shows as U+FFFD
+            assert t.token == bytes(t.bytes).decode("utf-8", errors="replace")
+
+
+def test_whole_prompt_text_and_token_ids_offline(family):
+    ids = family.encode(PROMPT)
+    text_score, ids_score = vllm_loglik.prompt_loglikelihood(family.llm, [PROMPT, ids])
+    check(family, ids, 1, text_score)
+    check(family, ids, 1, ids_score)
+    # Every word keeps its leading space; the first token's dummy prefix is not in the text.
+    assert joined(text_score) == PROMPT.encode() and text_score.text == PROMPT
+
+
+def test_rolling_offline(family):
+    from vllm_loglik.spans import get_rolling_token_windows, make_disjoint_window
+
+    [score] = vllm_loglik.loglikelihood_rolling(family.llm, [ROLLING], top_logprobs=2)
+    tokens = family.encode(ROLLING, special=False)
+    assert score.token_ids == tokens
+    windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+        tokens, family.encode("")[0], MAX_MODEL_LEN - 2, 1)]  # fmt: skip
+    assert len(windows) > 1
+    at = 0
+    for ctx, pred in windows:
+        expected, _ = family.ref.score(ctx + pred, len(ctx))
+        got = [t.logprob for t in score.tokens[at : at + len(pred)]]
+        assert got == pytest.approx(expected, abs=TOL)
+        at += len(pred)
+    assert joined(score) == ROLLING.encode()
+
+
+def test_chat_last_message_and_candidates_offline(family):
+    [last] = vllm_loglik.chat_loglikelihood(family.llm, [CHAT])
+    ids, start = family.chat(CHAT)
+    check(family, ids, start, last)
+    [user_last] = vllm_loglik.chat_loglikelihood(family.llm, [CHAT[:1]])
+    ids, start = family.chat(CHAT[:1])
+    check(family, ids, start, user_last)
+    [options] = vllm_loglik.chat_loglikelihood(family.llm, [CHAT[:1]], candidates=[CANDIDATES])
+    for text, score in zip(CANDIDATES, options, strict=True):
+        ids, start = family.chat(CHAT[:1] + [{"role": "assistant", "content": text}])
+        check(family, ids, start, score)
+
+
+def test_token_id_continuations_equal_native_prompt_logprobs(family):
+    from vllm import SamplingParams, TokensPrompt
+
+    prompt = family.encode("The capital of France is")
+    responses = [family.encode(text, special=False) for text in (" Paris.", " Ωμέγα 🙂", "42")]
+    scores = vllm_loglik.loglikelihood_tokens(family.llm, [(prompt, r) for r in responses])
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+    native = family.llm.generate(
+        [TokensPrompt(prompt_token_ids=prompt + r) for r in responses], params, use_tqdm=False
+    )
+    for r, score, out in zip(responses, scores, native, strict=True):
+        assert score.token_ids == r
+        rows = out.prompt_logprobs[len(prompt) :]
+        assert [t.logprob for t in score.tokens] == pytest.approx(
+            [row[t].logprob for row, t in zip(rows, r, strict=True)], abs=1e-6
+        )
+        check(family, prompt + r, len(prompt), score)
+    with pytest.raises(ValueError, match=r"requests\[1\]: continuation\[1\] is token id"):
+        vllm_loglik.loglikelihood_tokens(family.llm, [(prompt, [5]), (prompt, [5, 10**7])])
+
+
+# The server: the same numbers as the offline API, through the openai client.
+
+
+def _entries(response) -> list:
+    return entries(response.choices[0])
+
+
+def test_server_completions_every_mode(family):
+    client = family.server.client()
+    for context, continuation in PAIRS[:4]:
+        r = client.completions.create(
+            model="tiny", prompt=context, max_tokens=0,
+            extra_body={"loglikelihood": {"continuations": [continuation]}},
+        )  # fmt: skip
+        [offline] = vllm_loglik.loglikelihood(family.llm, [(context, continuation)])
+        [entry] = _entries(r)
+        assert [t.token_id for t in entry.content] == offline.token_ids
+        assert [t.logprob for t in entry.content] == pytest.approx(
+            [t.logprob for t in offline.tokens], abs=TOL
+        )
+        assert b"".join(bytes(t.bytes) for t in entry.content) == continuation.encode()
+    ids = family.encode(PROMPT)
+    for prompt in (PROMPT, ids):
+        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=0,
+                                      extra_body={"loglikelihood": True})  # fmt: skip
+        [entry] = _entries(r)
+        expected, greedy = family.ref.score(ids, 1)
+        assert [t.logprob for t in entry.content] == pytest.approx(expected, abs=TOL)
+        assert entry.is_greedy == greedy
+        assert b"".join(bytes(t.bytes) for t in entry.content) == PROMPT.encode()
+    r = client.completions.create(model="tiny", prompt=ROLLING, max_tokens=0,
+                                  extra_body={"loglikelihood": {"scope": "rolling"}})  # fmt: skip
+    [entry] = _entries(r)
+    [offline] = vllm_loglik.loglikelihood_rolling(family.llm, [ROLLING])
+    assert [t.token_id for t in entry.content] == offline.token_ids
+    assert entry.logprob == pytest.approx(offline.logprob, abs=TOL * offline.num_tokens)
+
+
+def test_server_chat_last_message_and_candidates(family):
+    client = family.server.client()
+    r = client.chat.completions.create(
+        model="tiny", messages=CHAT, max_tokens=0,
+        extra_body={"loglikelihood": {"scope": "last_message"}},
+    )  # fmt: skip
+    [entry] = _entries(r)
+    ids, start = family.chat(CHAT)
+    expected, greedy = family.ref.score(ids, start)
+    assert [t.token_id for t in entry.content] == ids[start:]
+    assert [t.logprob for t in entry.content] == pytest.approx(expected, abs=TOL)
+    assert entry.is_greedy == greedy
+    r = client.chat.completions.create(
+        model="tiny", messages=CHAT[:1], max_tokens=0,
+        extra_body={"loglikelihood": {"continuations": CANDIDATES}},
+    )  # fmt: skip
+    for text, entry in zip(CANDIDATES, _entries(r), strict=True):
+        ids, start = family.chat(CHAT[:1] + [{"role": "assistant", "content": text}])
+        assert [t.token_id for t in entry.content] == ids[start:]
+        expected, _ = family.ref.score(ids, start)
+        assert entry.logprob == pytest.approx(sum(expected), abs=TOL * len(expected))
+
+
+def test_server_token_id_continuations(family):
+    client = family.server.client()
+    prompt = family.encode("The capital of France is")
+    responses = [family.encode(text, special=False) for text in (" Paris.", " Ωμέγα 🙂")]
+    expected = vllm_loglik.loglikelihood_tokens(family.llm, [(prompt, r) for r in responses])
+    for sent in (prompt, "The capital of France is"):  # token ids or text: the same tokens
+        r = client.completions.create(
+            model="tiny", prompt=sent, max_tokens=0,
+            extra_body={"loglikelihood": {"continuations": responses + ["x"]}},
+        )  # fmt: skip
+        got = _entries(r)
+        for entry, offline in zip(got, expected, strict=False):
+            assert [t.token_id for t in entry.content] == offline.token_ids
+            assert entry.logprob == pytest.approx(offline.logprob, abs=TOL * offline.num_tokens)
+        assert got[2].text == "x"
+    bad = httpx.post(
+        family.server.url + "/v1/completions",
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        json={"model": "tiny", "prompt": prompt, "max_tokens": 0,
+              "loglikelihood": {"continuations": [[5], [7, 10**7]]}},
+    )  # fmt: skip
+    assert bad.status_code == 400
+    assert bad.json()["error"]["param"] == "loglikelihood.continuations[1][1]"
+    assert family.server.alive()
