@@ -25,7 +25,10 @@ on the Python standard library's source, bf16) in `.cache/bench-model`, then mea
     `--model vllm-loglik-offline` against lm-eval's own `--model vllm`, the same model and
     `--model_args`, each in a process of its own, timed after the model is built and warmed
     up on other questions;
-11. the same on a rolling (perplexity) task of long documents.
+11. the same on a rolling (perplexity) task of long documents;
+12. token-id responses (`bench/token_responses.py`): one 1,000-token prompt and 16 responses of
+    200 tokens, as token ids, with `vllm_loglik.loglikelihood_tokens` (the prompt computed once)
+    against native `prompt_logprobs` on each prompt + response.
 
 Rows 1-3 and 6 run twice: with vLLM's CPU default of one core reserved for the front-end
 (`VLLM_CPU_NUM_OF_RESERVED_CPU=1`), and with none (`=0`). Rows 4 and 5 use the setting that
@@ -35,7 +38,8 @@ Every row runs in the dtype that the CPU runs natively: bfloat16 where the CPU h
 `avx512_bf16` or `amx_bf16`, else float32 (bf16 is emulated there, hundreds of times slower,
 and a ratio would measure the emulation); the JSON records the dtype and the CPU's model and
 flags. `--only KEY[,KEY]` re-runs some rows (keys of the JSON: `offline`, `server`,
-`multiple_choice`, `offline_multiple_choice`, `batch`, `lm_eval`, `lm_eval_offline`) and keeps
+`multiple_choice`, `offline_multiple_choice`, `batch`, `lm_eval`, `lm_eval_offline`,
+`token_responses`) and keeps
 the others' figures from the existing JSON.
 Prints a markdown table and writes the figures as JSON (`bench/latest.json`, or `--json PATH`).
 `--smoke` runs the same code on the tiny test model with a few prompts, to keep this script
@@ -63,6 +67,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from docs_tables import write_docs_table  # noqa: E402
+from token_responses import table_row as token_responses_row  # noqa: E402
+from token_responses import token_responses  # noqa: E402
 from vllm_loglik.testing import ApiServer  # noqa: E402
 
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -89,6 +95,8 @@ class Size:
     rolling_docs: int = 8  # row 11: documents of `rolling_doc_len` tokens
     rolling_doc_len: int = 4000
     clients: int = 4
+    responses: int = 16  # row 12: responses of `response_len` tokens to one `context_len` prompt
+    response_len: int = 200
 
 
 #: The setting of `VLLM_CPU_NUM_OF_RESERVED_CPU` that rows 4 and 5 use.
@@ -96,7 +104,8 @@ RESERVED = 0
 # Full: vLLM's CPU default of 1 reserved core, and 0; the CPU default KV block of 128 tokens,
 # and 32, the smallest that the CPU attention takes. Smoke: one of each, to stay quick.
 FULL = Size("full", 32, 512, 64, 1000, 5, 8000, 2, (1, 0), (128, 32))
-SMOKE = Size("smoke", 4, 64, 3, 300, 5, 400, 1, (RESERVED,), (32,), 2, 3, 25, 3, 2, 300)
+SMOKE = Size("smoke", 4, 64, 3, 300, 5, 400, 1, (RESERVED,), (32,), 2, 3, 25, 3, 2, 300,
+             responses=4, response_len=20)
 
 
 def cpu_info() -> dict:
@@ -788,6 +797,8 @@ def table(r: dict, size: Size) -> str:
                  f"{theirs['metrics'][metric + ',none']:.4g} vs {ours['metrics'][metric + ',none']:.4g},"
                  f" largest difference {lo[task + '_max_abs_diff']:.1e})")
             )  # fmt: skip
+    if "token_responses" in r:
+        rows.append(token_responses_row(r["token_responses"]))
     rows.sort(key=lambda row: int(row[0].split(".")[0]))  # by row number; settings in order
     lines = [
         "| row | CPU setting | ratio | goal | measured |",
@@ -800,8 +811,8 @@ def table(r: dict, size: Size) -> str:
 def offline_child(
     smoke: bool, size: Size, reserved: int, kind: str = "rows", env: dict | None = None
 ) -> dict:
-    """Row 3 (`kind` "rows"), row 7 ("mc"), row 9 ("batch") or one side of rows 10 and 11
-    ("lm_ours", "lm_vllm") in a process of its own, so that its engine is gone before the
+    """Row 3 (`kind` "rows"), row 7 ("mc"), row 9 ("batch"), row 12 ("responses") or one side
+    of rows 10 and 11 ("lm_ours", "lm_vllm") in a process of its own, so that its engine is gone before the
     next one; `env` is added to its environment."""
     out = ROOT / ".cache" / f"bench-offline-{kind}-{size.name}-{reserved}.json"
     cmd = [sys.executable, __file__, "--offline-child", kind, "--json", str(out)]
@@ -828,7 +839,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="where to write the figures")
     parser.add_argument("--only", help="re-run these rows (JSON keys, comma-separated)")
     parser.add_argument(
-        "--offline-child", choices=["rows", "mc", "batch", "lm_ours", "lm_vllm"],
+        "--offline-child", choices=["rows", "mc", "batch", "responses", "lm_ours", "lm_vllm"],
         help=argparse.SUPPRESS,
     )  # fmt: skip
     args = parser.parse_args()
@@ -842,6 +853,9 @@ def main() -> None:
         kind = args.offline_child
         if kind.startswith("lm_"):
             figures = lm_eval_in_process(model, size, dtype, kind.removeprefix("lm_"))
+        elif kind == "responses":
+            figures = token_responses(model, size.context_len, size.responses, size.response_len,
+                                      dtype, size.repeats)  # fmt: skip
         else:
             rows = {"rows": offline_rows, "mc": offline_multiple_choice, "batch": offline_batch}
             figures = rows[kind](model, size, dtype)
@@ -851,7 +865,7 @@ def main() -> None:
 
     out = args.json or (ROOT / "bench" / ("latest.json" if size.name == "full" else "smoke.json"))
     keys = ["offline", "server", "multiple_choice", "offline_multiple_choice", "batch",
-            "lm_eval", "lm_eval_offline"]  # fmt: skip
+            "lm_eval", "lm_eval_offline", "token_responses"]  # fmt: skip
     only = keys if args.only is None else args.only.split(",")
     if set(only) - set(keys):
         sys.exit(f"--only takes {', '.join(keys)}")
@@ -884,6 +898,8 @@ def main() -> None:
         results["lm_eval"] = lm_eval_row(model, dtype, size)
     if "lm_eval_offline" in only:
         results["lm_eval_offline"] = lm_eval_offline_rows(model, size, dtype, args.smoke)
+    if "token_responses" in only:
+        results["token_responses"] = offline_child(args.smoke, size, RESERVED, "responses")
 
     text = table(results, size)
     results["table"] = text
@@ -898,6 +914,9 @@ def main() -> None:
     if dtype == "float32" and "multiple_choice" in only:
         if results["multiple_choice"]["max_abs_diff"] > 1e-4:
             sys.exit("FAIL: the multiple-choice path disagrees with per-pair scoring")
+    if dtype == "float32" and "token_responses" in only:
+        if results["token_responses"]["max_abs_diff"] > 1e-4:
+            sys.exit("FAIL: token-id responses disagree with native prompt_logprobs")
     if dtype == "float32" and "lm_eval_offline" in only:
         lo = results["lm_eval_offline"]
         if max(lo["bench_offline_mc_max_abs_diff"], lo["bench_offline_rolling_max_abs_diff"]) > 1e-4:

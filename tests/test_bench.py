@@ -23,7 +23,7 @@ def test_bench_smoke_run(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     figures = json.loads(out.read_text())
     for row in ("offline", "server", "multiple_choice", "memory", "offline_multiple_choice",
-                "lm_eval", "batch", "lm_eval_offline"):  # fmt: skip
+                "lm_eval", "batch", "lm_eval_offline", "token_responses"):  # fmt: skip
         assert row in figures
     assert figures["measured_on"]["lm_eval_offline"]["cpu"]["model"]
     (server,) = figures["server"].values()  # the smoke run measures one CPU setting
@@ -33,8 +33,10 @@ def test_bench_smoke_run(tmp_path):
     assert figures["multiple_choice"]["max_abs_diff"] <= 1e-4
     table = figures["table"]
     # the separator, 5 rows for the CPU setting, multiple choice at one block size, memory,
-    # offline multiple choice, lm-eval, batch, lm-eval in process (multiple choice, rolling)
-    assert table.count("\n| ") == 13
+    # offline multiple choice, lm-eval, batch, lm-eval in process (multiple choice, rolling),
+    # token-id responses
+    assert table.count("\n| ") == 14
+    assert figures["token_responses"]["max_abs_diff"] <= 1e-4
     assert figures["lm_eval"]["ours_acc"] == figures["lm_eval"]["local_completions_acc"]
     in_process = figures["lm_eval_offline"]
     assert in_process["bench_offline_mc_max_abs_diff"] <= 1e-4

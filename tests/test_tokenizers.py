@@ -311,3 +311,55 @@ def test_server_token_id_continuations(family):
     assert bad.status_code == 400
     assert bad.json()["error"]["param"] == "loglikelihood.continuations[1][1]"
     assert family.server.alive()
+
+
+# The other paths: the batch CLI, and lm-eval in process and through the server.
+
+
+def test_batch_cli_under_mistral_tokenizer_mode(family, tmp_path):
+    """`vllm-loglik score --tokenizer-mode mistral`: every mode of the batch CLI's mixed file,
+    with the offline API's numbers (the CLI's engine loop is Ray Data's too)."""
+    from .test_batch import ENGINE_FLAGS, check_output, read, score, write_input
+
+    if family.name != "tekken":
+        pytest.skip("tokenizer_mode=mistral only; tests/test_batch.py runs the demo model")
+    expected = write_input(tmp_path / "in.jsonl")
+    run = score([str(family.path), "--input", str(tmp_path / "in.jsonl"), "--output",
+                 str(tmp_path / "out.jsonl"), *ENGINE_FLAGS, "--tokenizer-mode", "mistral"])  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    check_output(read(tmp_path / "out.jsonl"), expected, family.llm)
+
+
+@pytest.fixture(scope="module")
+def vllm_dist_env(tmp_path_factory) -> dict[str, str]:
+    from vllm_loglik.testing import lm_eval_vllm_env
+
+    return lm_eval_vllm_env(tmp_path_factory.mktemp("vllm-dist"))
+
+
+def test_lm_eval_in_process_and_through_the_server(family, tmp_path, vllm_dist_env):
+    """`vllm-loglik-offline` against lm-eval's own `--model vllm` with the same `--model_args`
+    (`tokenizer_mode=mistral` for Tekken): the same requests and per-sample numbers. And
+    `vllm-loglik` through the family's server: rolling documents as lm-eval's windows, and each
+    multiple-choice request as the offline API scores it (the server adds BOS to a context, as
+    vLLM encodes a prompt string; lm-eval's models by default do not)."""
+    from .lm_eval_runs import assert_same, lm_eval, loglikelihoods
+    from .test_lm_eval_offline import model_args
+
+    if family.name == "bpe":
+        pytest.skip("the demo model: tests/test_lm_eval_offline.py and tests/test_lm_eval.py")
+    args = model_args(str(family.path), "tokenizer_mode=mistral" if family.mistral else "")
+    tasks = ["--tasks", "loglik_mc,loglik_rolling", "--batch_size", "auto"]
+    _, ours = lm_eval(["--model", "vllm-loglik-offline", "--model_args", args, *tasks], tmp_path / "ours")
+    _, theirs = lm_eval(["--model", "vllm", "--model_args", args, *tasks], tmp_path / "theirs",
+                        env=vllm_dist_env)  # fmt: skip
+    for task in ("loglik_mc", "loglik_rolling"):
+        assert_same(ours, theirs, task)
+    served_args = f"base_url={family.server.url}/v1/completions,model=tiny"
+    _, served = lm_eval(["--model", "vllm-loglik", "--model_args", served_args, *tasks],
+                        tmp_path / "served")  # fmt: skip
+    assert_same(served, ours, "loglik_rolling")
+    for sample in served["loglik_mc"]:
+        pairs = [(a["arg_0"], a["arg_1"]) for a in sample["arguments"].values()]
+        want = [s.logprob for s in vllm_loglik.loglikelihood(family.llm, pairs)]
+        assert loglikelihoods(sample) == pytest.approx(want, abs=TOL * 8)

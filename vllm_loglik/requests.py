@@ -198,6 +198,12 @@ def chat_jobs(
         )
     messages = chat_messages(messages)
     kwargs = dict(chat_template_kwargs or {})
+    if kwargs and scorer.tokens.is_mistral:
+        raise RequestError(
+            "chat_template_kwargs",
+            "chat_template_kwargs is not supported with a mistral-common tokenizer "
+            "(tokenizer_mode=mistral), which encodes the conversation itself",
+        )
     if continue_final_message:
         kwargs["continue_final_message"] = True
     try:

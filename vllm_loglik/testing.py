@@ -199,14 +199,26 @@ def build_sentencepiece_model(path: str | Path) -> Path:
     """A `LlamaForCausalLM` of the small shape with Mistral 7B v0.1's SentencePiece tokenizer
     (`tokenizer.model.v1`), converted by transformers as for a hub repository of Llama 2 or
     Mistral 7B (`LlamaTokenizer`, legacy, BOS added), and Llama 2's chat template."""
+    path = Path(path)
+    what = json.dumps({"tokenizer": "tokenizer.model.v1", **SMALL}, sort_keys=True)
+    if _stamp(path, what):
+        return path
+    tokenizer = build_sentencepiece_tokenizer(path)
+    _random_weights(path, "LlamaForCausalLM", len(tokenizer), tokenizer.bos_token_id,
+                    tokenizer.eos_token_id)  # fmt: skip
+    (path / "vllm_loglik_shape.json").write_text(what)
+    return path
+
+
+def build_sentencepiece_tokenizer(path: str | Path):
+    """Mistral 7B v0.1's SentencePiece model as a transformers tokenizer in `path` (the files
+    of a hub repository), with Llama 2's chat template; returns the tokenizer."""
     import shutil
 
     from transformers import AutoTokenizer
 
     path = Path(path)
-    what = json.dumps({"tokenizer": "tokenizer.model.v1", **SMALL}, sort_keys=True)
-    if _stamp(path, what):
-        return path
+    path.mkdir(parents=True, exist_ok=True)
     shutil.copy(mistral_common_data() / "tokenizer.model.v1", path / "tokenizer.model")
     config = {"tokenizer_class": "LlamaTokenizer", "legacy": True, "add_bos_token": True,
               "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}  # fmt: skip
@@ -214,10 +226,7 @@ def build_sentencepiece_model(path: str | Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.chat_template = INST_CHAT_TEMPLATE
     tokenizer.save_pretrained(path)
-    _random_weights(path, "LlamaForCausalLM", len(tokenizer), tokenizer.bos_token_id,
-                    tokenizer.eos_token_id)  # fmt: skip
-    (path / "vllm_loglik_shape.json").write_text(what)
-    return path
+    return tokenizer
 
 
 def build_tekken_model(path: str | Path) -> Path:
