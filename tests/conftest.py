@@ -6,6 +6,7 @@ Engines take 20-30 s to start on the CPU, so each is built once per test session
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,12 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 # Every core on the model, as the README recommends for the CPU build (vLLM keeps one for the
 # front-end by default); the suite takes as long either way here, and runs what users run.
 os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+
+#: Where every engine of the session (offline, or a server's) writes the id of each request whose
+#: prompt logprobs it computed on the target-only path (`vllm_loglik.target_logprobs`); a server
+#: that must not take it gets a file of its own.
+TRACE = Path(tempfile.mkdtemp(prefix="vllm-loglik-trace-")) / "target-logprobs.txt"
+os.environ.setdefault("VLLM_LOGLIK_TARGET_LOGPROBS_TRACE", str(TRACE))
 
 #: Small on purpose: rolling texts longer than three windows stay short.
 MAX_MODEL_LEN = 128
@@ -195,9 +202,14 @@ def v2_server(model_path, lora_paths, tmp_path_factory):
     rewrites.touch()
     env = {"PYTHONPATH": str(HOOK_DIR), "VLLM_LOGLIK_V2_LAYOUT_LOG": str(rewrites),
            # Adapters may be loaded at run time too (/v1/load_lora_adapter).
-           "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}  # fmt: skip
+           "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+           # vLLM's own prompt-logprob path, as on a GPU's V2 model runner, where the
+           # target-only path does not apply: counted as a fallback (tests/test_target_logprobs.py).
+           "VLLM_LOGLIK_TARGET_LOGPROBS": "0",
+           "VLLM_LOGLIK_TARGET_LOGPROBS_TRACE": str(logs / "target-logprobs.txt")}  # fmt: skip
     args = lora_args(lora_paths)
     srv = Server(model_path, logs / "server.log", True, None, env=env, extra_args=args)
     srv.rewrites = rewrites
+    srv.trace = logs / "target-logprobs.txt"
     yield srv
     srv.stop()

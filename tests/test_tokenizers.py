@@ -319,14 +319,15 @@ def test_server_token_id_continuations(family):
 def test_batch_cli_under_mistral_tokenizer_mode(family, tmp_path):
     """`vllm-loglik score --tokenizer-mode mistral`: every mode of the batch CLI's mixed file,
     with the offline API's numbers (the CLI's engine loop is Ray Data's too)."""
-    from .test_batch import ENGINE_FLAGS, check_output, read, score, write_input
+    from .test_batch import BAD, ENGINE_FLAGS, check_output, read, score, write_input
 
     if family.name != "tekken":
         pytest.skip("tokenizer_mode=mistral only; tests/test_batch.py runs the demo model")
     expected = write_input(tmp_path / "in.jsonl")
     run = score([str(family.path), "--input", str(tmp_path / "in.jsonl"), "--output",
                  str(tmp_path / "out.jsonl"), *ENGINE_FLAGS, "--tokenizer-mode", "mistral"])  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.returncode == 1, run.stderr[-3000:]  # the bad lines failed, and the run went on
+    assert f"{len(BAD)} lines failed" in run.stderr
     check_output(read(tmp_path / "out.jsonl"), expected, family.llm)
 
 
@@ -340,9 +341,9 @@ def vllm_dist_env(tmp_path_factory) -> dict[str, str]:
 def test_lm_eval_in_process_and_through_the_server(family, tmp_path, vllm_dist_env):
     """`vllm-loglik-offline` against lm-eval's own `--model vllm` with the same `--model_args`
     (`tokenizer_mode=mistral` for Tekken): the same requests and per-sample numbers. And
-    `vllm-loglik` through the family's server: rolling documents as lm-eval's windows, and each
-    multiple-choice request as the offline API scores it (the server adds BOS to a context, as
-    vLLM encodes a prompt string; lm-eval's models by default do not)."""
+    `vllm-loglik` through the family's server: each request as the offline API scores it (the
+    server adds BOS to a context as vLLM encodes a prompt string, and no BOS to a rolling text;
+    lm-eval's in-process models follow the tokenizer's default, which adds BOS to both)."""
     from .lm_eval_runs import assert_same, lm_eval, loglikelihoods
     from .test_lm_eval_offline import model_args
 
@@ -358,7 +359,9 @@ def test_lm_eval_in_process_and_through_the_server(family, tmp_path, vllm_dist_e
     served_args = f"base_url={family.server.url}/v1/completions,model=tiny"
     _, served = lm_eval(["--model", "vllm-loglik", "--model_args", served_args, *tasks],
                         tmp_path / "served")  # fmt: skip
-    assert_same(served, ours, "loglik_rolling")
+    for sample in served["loglik_rolling"]:
+        [want] = vllm_loglik.loglikelihood_rolling(family.llm, [sample["doc"]["text"]])
+        assert loglikelihoods(sample) == pytest.approx([want.logprob], abs=TOL * want.num_tokens)
     for sample in served["loglik_mc"]:
         pairs = [(a["arg_0"], a["arg_1"]) for a in sample["arguments"].values()]
         want = [s.logprob for s in vllm_loglik.loglikelihood(family.llm, pairs)]

@@ -39,6 +39,7 @@ from typing import Any
 
 from .engine_output import ScoredRows, require_span_logprobs, span_logprobs, unreadable_reason
 from .spans import Span
+from .target_logprobs import MARK
 
 
 @dataclass(frozen=True)
@@ -53,13 +54,15 @@ class ProtocolStats:
     """What one run of `score_spans` sent and read: the server's metrics count these.
 
     `warmups` and `warmup_tokens`: shared-context warm-up requests and their prompt tokens;
-    `prompt_tokens`: prompt tokens of the scoring requests (retries included); `cached_tokens`:
+    `requests` and `prompt_tokens`: the scoring requests and their prompt tokens (retries
+    included); `cached_tokens`:
     prompt tokens that scoring requests read from the prefix cache; `fallbacks`: spans whose
     cached output could not be read and were scored again without the cache, by reason
     (`vllm_loglik.engine_output.unreadable_reason`)."""
 
     warmups: int = 0
     warmup_tokens: int = 0
+    requests: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
     fallbacks: Counter[str] = field(default_factory=Counter)
@@ -133,6 +136,9 @@ def scoring_params(top_logprobs: int, read_cache: bool) -> Any:
         detokenize=False,  # required with cache reads: see the module docstring
         flat_logprobs=True,  # no dict or Logprob object per position in the front-end
         skip_reading_prefix_cache=not read_cache,
+        # The engine computes this request's prompt logprobs target-only where it can
+        # (`vllm_loglik.target_logprobs`); anyone else's take vLLM's own path.
+        extra_args={MARK: True},
     )
 
 
@@ -182,6 +188,7 @@ def score_spans(
             EngineRequest(list(prefix), warm_up_params(), f"{request_id}-prefix-{i}")
             for i, prefix in enumerate(prefixes)
         ]
+    stats.requests += len(spans)
     stats.prompt_tokens += sum(len(span.prompt_token_ids) for span in spans)
     outputs = yield [
         EngineRequest(span.prompt_token_ids, scoring_params(top_logprobs, hit), f"{request_id}-{i}")
@@ -200,6 +207,7 @@ def score_spans(
             rows.append(_require(out, span, top_logprobs))
     again = [i for i, r in enumerate(rows) if r is None]
     if again:
+        stats.requests += len(again)
         stats.prompt_tokens += sum(len(spans[i].prompt_token_ids) for i in again)
         outputs = yield [
             EngineRequest(

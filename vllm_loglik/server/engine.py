@@ -22,6 +22,8 @@ from ..engine_requests import (
 )
 from ..jobs import Job, Scorer
 from ..scoring import Score
+from ..target_logprobs import FALLBACK_REASON
+from ..target_logprobs import problem as target_path_problem
 from .limits import Limits
 from .lora_turns import Turns
 from .metrics import metrics, model_label
@@ -66,6 +68,12 @@ class ServerScoring:
             logger.warning("loglikelihood requests will be refused: %s", self.lora_problem)
         #: Base-model and adapter scoring take turns where the engine would mix them up.
         self.turns = Turns() if lora_mixing_unsafe(engine_client.vllm_config) else None
+        #: Why the engine computes prompt logprobs on vLLM's own path rather than the
+        #: target-only one (`vllm_loglik.target_logprobs`), if it does: each scoring request
+        #: is then counted as a fallback.
+        self.path_problem = target_path_problem(engine_client.vllm_config)
+        if self.path_problem is not None:
+            logger.warning("vllm-loglik scores with vLLM's own prompt logprobs: %s", self.path_problem)
         #: The `model` label of the base model in the metrics (a request without `model`).
         self.base_name = model_label(None, getattr(state, "openai_serving_models", None))
 
@@ -130,5 +138,7 @@ class ServerScoring:
             ]
             return scores
         finally:
+            if self.path_problem is not None and stats.requests:
+                stats.fallbacks[FALLBACK_REASON] += stats.requests
             label = lora_request.lora_name if lora_request is not None else self.base_name
             metrics().engine_work(label, stats, sum(s.num_tokens for s in scores))

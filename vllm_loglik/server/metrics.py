@@ -21,13 +21,16 @@ before that (not JSON, a wrong type) is in vLLM's own `http_requests_total`.
 | `vllm_loglik:warmups_total` | `model` | shared contexts prefilled once into the prefix cache |
 | `vllm_loglik:warmup_tokens_total` | `model` | their prompt tokens |
 | `vllm_loglik:cached_tokens_total` | `model` | prompt tokens that scoring requests read from the prefix cache |
-| `vllm_loglik:fallbacks_total` | `reason` | cached outputs that could not be read, scored again without the cache |
+| `vllm_loglik:fallbacks_total` | `reason` | cached outputs that could not be read, scored again without the cache; scoring requests whose prompt logprobs the engine computes on vLLM's own path (`prompt_logprobs_path`) |
 
 `mode` is `prompt` (`loglikelihood: true`, or no scope), `continuations`, `rolling` or
 `last_message`; `outcome` is `200`, `4xx` or `5xx`; `model` is the request's `model` when the
 server serves that name (the base model or an adapter), else `-` (so a client's invented names
-never become labels). `reason` is one of `vllm_loglik.engine_output.UNREADABLE_REASONS`; every
-reason is exported from the start, at 0. `cached_scored_position` is expected now and then:
+never become labels). `reason` is one of `vllm_loglik.engine_output.UNREADABLE_REASONS`, or
+`prompt_logprobs_path`: a scoring request that the engine computes with vLLM's own prompt
+logprobs, because the target-only path (`vllm_loglik.target_logprobs`) does not apply to it (the
+server logs why at start-up: turned off, another vLLM version, the V2 model runner, a logit
+`logprobs_mode`). Every reason is exported from the start, at 0. `cached_scored_position` is expected now and then:
 the same context and continuation scored again while its KV blocks are still cached, where a
 block boundary falls inside the continuation (the cache then covers a scored position, whose
 logprob the engine does not compute). `layout`, `missing_entry` and `wrong_token` stay at 0 on
@@ -42,6 +45,7 @@ from typing import Any
 
 from ..engine_output import UNREADABLE_REASONS
 from ..engine_requests import ProtocolStats
+from ..target_logprobs import FALLBACK_REASON
 
 #: Latency buckets (seconds): a scoring request takes from milliseconds (one short prompt) to
 #: minutes (a long rolling document, or many continuations on a busy server).
@@ -88,9 +92,10 @@ class Metrics:
             "0 on a healthy server: a count there means a layout of prompt logprobs that the "
             "plugin does not read (numbers stay right, the shared-context speed-up is lost); "
             "please report it. cached_scored_position: a prompt scored again while its blocks "
-            "were cached.", ["reason"],
+            "were cached. prompt_logprobs_path: scoring requests computed on vLLM's own prompt "
+            "logprobs path, not the target-only one.", ["reason"],
         )  # fmt: skip
-        for reason in UNREADABLE_REASONS:
+        for reason in (*UNREADABLE_REASONS, FALLBACK_REASON):
             self.fallbacks.labels(reason)  # exported at 0 from the start
 
     def engine_work(self, model: str, stats: ProtocolStats, scored_tokens: int) -> None:
