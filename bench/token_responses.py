@@ -60,11 +60,14 @@ def token_responses(model: str, prompt_len: int, responses: int, response_len: i
             "prompt_len": prompt_len, "responses": responses, "response_len": response_len}  # fmt: skip
 
 
-def table_row(r: dict) -> tuple[str, str, float, str, str]:
-    return (
+def table_rows(results: dict, size: object) -> list[tuple[str, str, float, str, str]]:
+    if "token_responses" not in results:
+        return []
+    r = results["token_responses"]
+    return [(
         "12. token-id responses: `loglikelihood_tokens` vs native `prompt_logprobs` per response",
         "0 reserved, block 32", r["native"] / r["ours"], "≥ 3×",
         f"{r['native']:.2f} s vs {r['ours']:.2f} s (one {r['prompt_len']}-token prompt, "
         f"{r['responses']} responses of {r['response_len']} tokens; largest difference "
         f"{r['max_abs_diff']:.1e})",
-    )  # fmt: skip
+    )]  # fmt: skip

@@ -52,6 +52,14 @@ ENV = "VLLM_LOGLIK_TARGET_LOGPROBS"
 TRACE_ENV = "VLLM_LOGLIK_TARGET_LOGPROBS_TRACE"
 
 _installed = False
+#: Why the patched method stopped taking the target-only path in this process, if it did.
+_broken: str | None = None
+
+
+def _disable(reason: str) -> None:
+    global _broken
+    _broken = reason
+    logger.warning("vllm-loglik: vLLM's own prompt logprobs from now on in this engine (%s)", reason)
 
 
 def _version() -> str:
@@ -95,7 +103,7 @@ def install() -> None:
     original = GPUModelRunner._get_prompt_logprobs_dict
 
     def _get_prompt_logprobs_dict(self: Any, hidden_states: Any, num_scheduled_tokens: Any):
-        ours = _our_requests(self)
+        ours = _our_requests(self) if not _broken else {}
         if not ours:
             return original(self, hidden_states, num_scheduled_tokens)
         everyone = self.num_prompt_logprobs
@@ -108,7 +116,19 @@ def install() -> None:
             for req_id in list(everyone):
                 if req_id not in ours and req_id not in left:
                     del everyone[req_id]  # completed by vLLM's own method
-        result.update(_prompt_logprobs(self, hidden_states, num_scheduled_tokens, ours))
+        try:
+            result.update(_prompt_logprobs(self, hidden_states, num_scheduled_tokens, ours))
+        except Exception as e:  # an unexpected shape: vLLM's own path, from now on
+            _disable(f"{type(e).__name__}: {e}")
+            self.num_prompt_logprobs = {r: k for r, k in everyone.items() if r in ours}
+            try:
+                result.update(original(self, hidden_states, num_scheduled_tokens))
+            finally:
+                left = self.num_prompt_logprobs
+                self.num_prompt_logprobs = everyone
+                for req_id in ours:
+                    if req_id not in left:
+                        everyone.pop(req_id, None)
         return result
 
     _get_prompt_logprobs_dict.__wrapped__ = original  # type: ignore[attr-defined]

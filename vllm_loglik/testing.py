@@ -166,20 +166,24 @@ def mistral_common_data() -> Path:
     return Path(mistral_common.__file__).parent / "data"
 
 
-def _random_weights(path: Path, architecture: str, vocab_size: int, bos: int, eos: int) -> None:
+def _random_weights(
+    path: Path, architecture: str, vocab_size: int, bos: int, eos: int,
+    shape: dict | None = None, max_position_embeddings: int = 4096,
+) -> None:  # fmt: skip
     import torch
     import transformers
 
+    shape = shape or SMALL
     config_class = getattr(transformers, architecture.replace("ForCausalLM", "Config"))
     config = config_class(
         vocab_size=vocab_size,
-        num_key_value_heads=SMALL["num_attention_heads"],
-        max_position_embeddings=4096,
+        num_key_value_heads=shape["num_attention_heads"],
+        max_position_embeddings=max_position_embeddings,
         initializer_range=TINY.initializer_range,
         bos_token_id=bos,
         eos_token_id=eos,
         tie_word_embeddings=False,
-        **SMALL,
+        **shape,
     )
     torch.manual_seed(0)
     model = getattr(transformers, architecture)(config).to(torch.float32)
@@ -229,20 +233,26 @@ def build_sentencepiece_tokenizer(path: str | Path):
     return tokenizer
 
 
-def build_tekken_model(path: str | Path) -> Path:
-    """A `MistralForCausalLM` of the small shape with Mistral NeMo's Tekken tokenizer
+def build_tekken_model(
+    path: str | Path, shape: dict | None = None, max_position_embeddings: int = 4096
+) -> Path:
+    """A `MistralForCausalLM` of the small shape (or `shape`: hidden_size, intermediate_size,
+    num_hidden_layers, num_attention_heads) with Mistral NeMo's Tekken tokenizer
     (`tekken_240718.json` as `tekken.json`), for `tokenizer_mode="mistral"`."""
     import shutil
 
     from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 
     path = Path(path)
-    what = json.dumps({"tokenizer": "tekken_240718.json", **SMALL}, sort_keys=True)
+    shape = shape or SMALL
+    what = json.dumps({"tokenizer": "tekken_240718.json", **shape, "positions": max_position_embeddings},
+                      sort_keys=True)  # fmt: skip
     if _stamp(path, what):
         return path
     shutil.copy(mistral_common_data() / "tekken_240718.json", path / "tekken.json")
     tekken = Tekkenizer.from_file(path / "tekken.json")
-    _random_weights(path, "MistralForCausalLM", tekken.n_words, tekken.bos_id, tekken.eos_id)
+    _random_weights(path, "MistralForCausalLM", tekken.n_words, tekken.bos_id, tekken.eos_id,
+                    shape, max_position_embeddings)  # fmt: skip
     (path / "vllm_loglik_shape.json").write_text(what)
     return path
 
