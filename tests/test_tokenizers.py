@@ -340,10 +340,13 @@ def vllm_dist_env(tmp_path_factory) -> dict[str, str]:
 
 def test_lm_eval_in_process_and_through_the_server(family, tmp_path, vllm_dist_env):
     """`vllm-loglik-offline` against lm-eval's own `--model vllm` with the same `--model_args`
-    (`tokenizer_mode=mistral` for Tekken): the same requests and per-sample numbers. And
-    `vllm-loglik` through the family's server: each request as the offline API scores it (the
-    server adds BOS to a context as vLLM encodes a prompt string, and no BOS to a rolling text;
-    lm-eval's in-process models follow the tokenizer's default, which adds BOS to both)."""
+    (`tokenizer_mode=mistral` for Tekken): the same requests and per-sample numbers. And, for
+    Tekken, `vllm-loglik` through the family's server: each request as the offline API scores
+    it (the server adds BOS to a context as vLLM encodes a prompt string, and no BOS to a rolling
+    text; lm-eval's in-process models follow the tokenizer's default, which adds BOS to both).
+    The runs go side by side: each is mostly start-up."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from .lm_eval_runs import assert_same, lm_eval, loglikelihoods
     from .test_lm_eval_offline import model_args
 
@@ -351,14 +354,20 @@ def test_lm_eval_in_process_and_through_the_server(family, tmp_path, vllm_dist_e
         pytest.skip("the demo model: tests/test_lm_eval_offline.py and tests/test_lm_eval.py")
     args = model_args(str(family.path), "tokenizer_mode=mistral" if family.mistral else "")
     tasks = ["--tasks", "loglik_mc,loglik_rolling", "--batch_size", "auto"]
-    _, ours = lm_eval(["--model", "vllm-loglik-offline", "--model_args", args, *tasks], tmp_path / "ours")
-    _, theirs = lm_eval(["--model", "vllm", "--model_args", args, *tasks], tmp_path / "theirs",
-                        env=vllm_dist_env)  # fmt: skip
+    served_args = f"base_url={family.server.url}/v1/completions,model=tiny"
+    runs = [(["--model", "vllm-loglik-offline", "--model_args", args, *tasks], tmp_path / "ours", None),
+            (["--model", "vllm", "--model_args", args, *tasks], tmp_path / "theirs", vllm_dist_env)]
+    if family.mistral is not None:  # the server's tokenizer path is the same code for the others
+        runs.append((["--model", "vllm-loglik", "--model_args", served_args, *tasks],
+                     tmp_path / "served", None))  # fmt: skip
+    with ThreadPoolExecutor(len(runs)) as pool:
+        results = list(pool.map(lambda run: lm_eval(*run)[1], runs))
+    ours, theirs = results[:2]
     for task in ("loglik_mc", "loglik_rolling"):
         assert_same(ours, theirs, task)
-    served_args = f"base_url={family.server.url}/v1/completions,model=tiny"
-    _, served = lm_eval(["--model", "vllm-loglik", "--model_args", served_args, *tasks],
-                        tmp_path / "served")  # fmt: skip
+    if family.mistral is None:
+        return
+    served = results[2]
     for sample in served["loglik_rolling"]:
         [want] = vllm_loglik.loglikelihood_rolling(family.llm, [sample["doc"]["text"]])
         assert loglikelihoods(sample) == pytest.approx([want.logprob], abs=TOL * want.num_tokens)
