@@ -217,12 +217,17 @@ class Tokenization:
 
     def trimmed(self, ids: Sequence[int], text: str | bytes | None = None) -> frozenset[int]:
         """The indices of `ids` whose leading space is the dummy prefix, given the text they
-        were encoded from (by default, the tokenizer's decoding of them); none where the
-        tokenizer never adds one, or where the ids do not spell the text."""
+        were encoded from; none where the tokenizer never adds one, or where the ids do not
+        spell the text. Without a text (token ids given as they are), the ids are read as the
+        encoder gives a text's tokens: the dummy prefix is on the first token that is not a
+        special one, as on a text prompt's."""
         if not self.dummy_prefix or not ids:
             return frozenset()
         if text is None:
-            text = self.tokenizer.decode(list(ids))
+            for i, token_id in enumerate(ids):
+                if not self.is_special(token_id):
+                    return frozenset([i]) if self.piece_bytes(token_id)[:1] == b" " else frozenset()
+            return frozenset()
         data = text.encode("utf-8") if isinstance(text, str) else text
         alignment = self.align(ids, data)
         return alignment.trim if alignment is not None else frozenset()
