@@ -132,7 +132,10 @@ def main() -> None:
     out = args.json or (ROOT / "bench" / ("latest.json" if size.name == "full" else "smoke.json"))
     keys = ["offline", "server", "multiple_choice", "offline_multiple_choice", "batch",
             "lm_eval", "lm_eval_offline", "token_responses", "memory_large_vocab"]  # fmt: skip
-    only = keys if args.only is None else args.only.split(",")
+    # The smoke run leaves out row 5 on a 131k vocabulary: a server of its own, around a
+    # 131k-vocabulary model, whose measuring code is row 5's.
+    default = [k for k in keys if not (args.smoke and k == "memory_large_vocab")]
+    only = default if args.only is None else args.only.split(",")
     if set(only) - set(keys):
         sys.exit(f"--only takes {', '.join(keys)}")
     results: dict = json.loads(out.read_text()) if args.only and out.exists() else {}

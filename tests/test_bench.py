@@ -23,7 +23,7 @@ def test_bench_smoke_run(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     figures = json.loads(out.read_text())
     for row in ("offline", "server", "multiple_choice", "memory", "offline_multiple_choice",
-                "lm_eval", "batch", "lm_eval_offline", "token_responses", "memory_large_vocab"):  # fmt: skip
+                "lm_eval", "batch", "lm_eval_offline", "token_responses"):  # fmt: skip
         assert row in figures
     assert figures["measured_on"]["lm_eval_offline"]["cpu"]["model"]
     (server,) = figures["server"].values()  # the smoke run measures one CPU setting
@@ -33,16 +33,15 @@ def test_bench_smoke_run(tmp_path):
     assert figures["multiple_choice"]["max_abs_diff"] <= 1e-4
     table = figures["table"]
     # the separator, 5 rows for the CPU setting, multiple choice at one block size, memory,
-    # memory on a 131k vocabulary, offline multiple choice, lm-eval, batch, lm-eval in process
-    # (multiple choice, rolling, 5-shot), token-id responses
-    assert table.count("\n| ") == 16
+    # offline multiple choice, lm-eval, batch, lm-eval in process (multiple choice, rolling,
+    # 5-shot), token-id responses (the smoke run leaves out row 5 on a 131k vocabulary)
+    assert table.count("\n| ") == 15
     assert figures["token_responses"]["max_abs_diff"] <= 1e-4
     assert figures["lm_eval"]["ours_acc"] == figures["lm_eval"]["local_completions_acc"]
     in_process = figures["lm_eval_offline"]
     assert in_process["bench_offline_mc_max_abs_diff"] <= 1e-4
     assert in_process["bench_offline_rolling_max_abs_diff"] <= 1e-4
     assert in_process["bench_offline_mmlu_max_abs_diff"] <= 1e-4
-    assert figures["memory_large_vocab"]["vocab"] == 131072
     for side in ("ours", "vllm"):
         assert in_process[side]["bench_offline_mc"]["seconds"] > 0
     for goal in ("≤ 0.8×", "≤ 1.6×", "≥ 1.0×", "≥ 4.5×", "≤ 0.3×", "no len × vocab growth", "≥ 4×",

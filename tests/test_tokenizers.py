@@ -10,6 +10,7 @@ tokenizer gives the whole text (mistral-common's own encodings for Tekken), 1e-4
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,9 +117,12 @@ def family(request, tmp_path_factory):
         path = testing.build_tekken_model(root / "model")
         mode = ["--tokenizer-mode", "mistral"]
         mistral = MistralTokenizer.from_file(str(path / "tekken.json"))
-    llm = LLM(str(path), dtype="float32", max_model_len=MAX_MODEL_LEN, enforce_eager=True,
-              seed=0, block_size=32, tokenizer_mode="mistral" if mode else "auto")  # fmt: skip
-    server = _server(path, root / "server.log", mode)
+    # The server starts while the engine is built: much of each start-up is single-threaded.
+    with ThreadPoolExecutor(1) as pool:
+        starting = pool.submit(_server, path, root / "server.log", mode)
+        llm = LLM(str(path), dtype="float32", max_model_len=MAX_MODEL_LEN, enforce_eager=True,
+                  seed=0, block_size=32, tokenizer_mode="mistral" if mode else "auto")  # fmt: skip
+        server = starting.result()
     ref = Reference(str(path), tokenizer=mistral is None)
     try:
         yield Family(name, path, llm, server, ref, ref.tokenizer, mistral)
@@ -255,7 +259,13 @@ def test_server_completions_every_mode(family):
         expected, greedy = family.ref.score(ids, 1)
         assert [t.logprob for t in entry.content] == pytest.approx(expected, abs=TOL)
         assert entry.is_greedy == greedy
-        assert b"".join(bytes(t.bytes) for t in entry.content) == PROMPT.encode()
+        [offline] = vllm_loglik.prompt_loglikelihood(family.llm, [prompt])
+        assert [bytes(t.bytes) for t in entry.content] == [bytes(t.bytes) for t in offline.tokens]
+    # A text prompt's bytes are its text; token ids have none to compare with (on SentencePiece
+    # the first word's `▁` is read as the dummy prefix, as the tokenizer decodes them).
+    assert b"".join(bytes(t.bytes) for t in _entries(client.completions.create(
+        model="tiny", prompt=PROMPT, max_tokens=0, extra_body={"loglikelihood": True}))[0].content
+    ) == PROMPT.encode()  # fmt: skip
     r = client.completions.create(model="tiny", prompt=ROLLING, max_tokens=0,
                                   extra_body={"loglikelihood": {"scope": "rolling"}})  # fmt: skip
     [entry] = _entries(r)
@@ -317,17 +327,20 @@ def test_server_token_id_continuations(family):
 
 
 def test_batch_cli_under_mistral_tokenizer_mode(family, tmp_path):
-    """`vllm-loglik score --tokenizer-mode mistral`: every mode of the batch CLI's mixed file,
-    with the offline API's numbers (the CLI's engine loop is Ray Data's too)."""
-    from .test_batch import BAD, ENGINE_FLAGS, check_output, read, score, write_input
+    """`vllm-loglik score` against a `--tokenizer-mode mistral` server: every mode of the batch
+    CLI's mixed file, with the offline API's numbers. (With an engine in its own process, the
+    CLI scores through the offline API's `Scorer`, which the tests above run on this model.)"""
+    from .test_batch import BAD, check_output, read, score, write_input
 
     if family.name != "tekken":
         pytest.skip("tokenizer_mode=mistral only; tests/test_batch.py runs the demo model")
     expected = write_input(tmp_path / "in.jsonl")
-    run = score([str(family.path), "--input", str(tmp_path / "in.jsonl"), "--output",
-                 str(tmp_path / "out.jsonl"), *ENGINE_FLAGS, "--tokenizer-mode", "mistral"])  # fmt: skip
+    run = score(["--server", family.server.url, "--input", str(tmp_path / "in.jsonl"), "--output",
+                 str(tmp_path / "out.jsonl")])  # fmt: skip
     assert run.returncode == 1, run.stderr[-3000:]  # the bad lines failed, and the run went on
     assert f"{len(BAD)} lines failed" in run.stderr
+    # A bad line's message is the server's own here; the good lines carry the numbers.
+    expected = [(body, None if error is None else "") for body, error in expected]
     check_output(read(tmp_path / "out.jsonl"), expected, family.llm)
 
 
@@ -345,8 +358,6 @@ def test_lm_eval_in_process_and_through_the_server(family, tmp_path, vllm_dist_e
     it (the server adds BOS to a context as vLLM encodes a prompt string, and no BOS to a rolling
     text; lm-eval's in-process models follow the tokenizer's default, which adds BOS to both).
     The runs go side by side: each is mostly start-up."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from .lm_eval_runs import assert_same, lm_eval, loglikelihoods
     from .test_lm_eval_offline import model_args
 
