@@ -68,9 +68,13 @@ def _version() -> str:
     return vllm.__version__.split("+")[0]
 
 
+def _turned_off() -> bool:
+    return os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def problem(vllm_config: Any) -> str | None:
     """Why the target-only path does not apply to this engine, or None where it does."""
-    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    if _turned_off():
         return f"turned off ({ENV}=0)"
     version = _version()
     if version not in VERIFIED_VERSIONS:
@@ -92,7 +96,7 @@ def install() -> None:
     if _installed:
         return
     _installed = True
-    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    if _turned_off():
         return
     version = _version()
     if version not in VERIFIED_VERSIONS:
