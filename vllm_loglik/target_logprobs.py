@@ -47,6 +47,9 @@ FALLBACK_REASON = "prompt_logprobs_path"
 #: values, 64 MiB, whatever the prompt's length.
 ROWS_ELEMENTS = 1 << 24
 ENV = "VLLM_LOGLIK_TARGET_LOGPROBS"
+#: The `logprobs_mode`s whose prompt logprobs are a log-softmax (vLLM's default is the first);
+#: the logit modes need none, and keep vLLM's own path.
+SOFTMAX_MODES = ("raw_logprobs", "processed_logprobs")
 #: A file to which the patched method appends the id of each request it computes (a trace for
 #: tests and debugging: which requests took the target-only path).
 TRACE_ENV = "VLLM_LOGLIK_TARGET_LOGPROBS_TRACE"
@@ -82,7 +85,7 @@ def problem(vllm_config: Any) -> str | None:
     if getattr(vllm_config, "use_v2_model_runner", False):
         return "the engine runs vLLM's V2 model runner, whose prompt logprobs it does not replace"
     mode = str(getattr(vllm_config.model_config, "logprobs_mode", "raw_logprobs"))
-    if mode not in ("raw_logprobs", "processed_logprobs"):
+    if mode not in SOFTMAX_MODES:
         return f"logprobs_mode {mode} returns logits, which vLLM computes without a softmax"
     return None
 
@@ -145,7 +148,7 @@ def _our_requests(runner: Any) -> dict[str, int]:
     wanted = runner.num_prompt_logprobs
     if not wanted:
         return {}
-    if runner.model_config.logprobs_mode not in ("raw_logprobs", "processed_logprobs"):
+    if runner.model_config.logprobs_mode not in SOFTMAX_MODES:
         return {}
     ours = {}
     for req_id, k in wanted.items():

@@ -239,18 +239,19 @@ class Tokenization:
         key = (token_id, trim)
         hit = self._tokens.get(key)
         if hit is None:
-            data = self.piece_bytes(token_id)
-            if trim and data[:1] == b" ":
-                data = data[1:]
+            data = self.text_bytes(token_id, trim)
             hit = self._tokens[key] = (data.decode("utf-8", errors="replace"), list(data))
         return hit
 
+    def text_bytes(self, token_id: int, trim: bool = False) -> bytes:
+        """The bytes the token stands for in the text: its piece's, less the leading space
+        where `trim` (the dummy prefix)."""
+        data = self.piece_bytes(token_id)
+        return data[1:] if trim and data[:1] == b" " else data
+
     def text_of(self, ids: Sequence[int], trim: frozenset[int] = frozenset()) -> str:
         """What `ids` stand for, with the leading space of the tokens at `trim` dropped."""
-        data = b"".join(
-            self.piece_bytes(t)[1 if i in trim and self.piece_bytes(t)[:1] == b" " else 0 :]
-            for i, t in enumerate(ids)
-        )
+        data = b"".join(self.text_bytes(t, i in trim) for i, t in enumerate(ids))
         return data.decode("utf-8", errors="replace")
 
     def first_unknown(self, ids: Sequence[int]) -> int | None:
