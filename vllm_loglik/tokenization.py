@@ -198,22 +198,46 @@ class Tokenization:
     def align(self, ids: Sequence[int], data: bytes) -> Alignment | None:
         """Lay `ids` along `data`, the UTF-8 of the text they were encoded from, or None where
         they do not spell it. A token's piece must be the next bytes of the text, or be so once
-        a leading space (the dummy prefix) is dropped; a special token that the encoder added
-        (a BOS not in the text) stands for no bytes."""
+        a leading space (the dummy prefix) is dropped; a special token stands for its text where
+        the text holds it, or for no bytes where the encoder added it (a BOS). Where a token
+        reads more than one way, the reading that spells the rest of the text is taken (the
+        text `<s>` after an added `<s>`)."""
+        # Depth-first over each token's readings, the most literal first. Only special tokens
+        # and pieces with a leading space read more than one way, so on ordinary text this is
+        # one pass; `dead` keeps a (token, offset) that cannot spell the rest from being retried.
+        frames: list[list[tuple[int, bool]]] = []  # per token: its readings not yet tried
         ends: list[int] = []
-        trim: set[int] = set()
+        trims: list[bool] = []
+        dead: set[tuple[int, int]] = set()
         at = 0
-        for i, token_id in enumerate(ids):
-            piece = self.piece_bytes(token_id)
-            if data.startswith(piece, at):
-                at += len(piece)
-            elif piece[:1] == b" " and data.startswith(piece[1:], at):
-                trim.add(i)
-                at += len(piece) - 1
-            elif not self.is_special(token_id):
+        while True:
+            i = len(frames)
+            if i == len(ids) and at == len(data):
+                return Alignment(ends, frozenset(j for j, t in enumerate(trims) if t))
+            if i < len(ids) and (i, at) not in dead:
+                frames.append(self._readings(ids[i], data, at))
+            while frames and not frames[-1]:
+                frames.pop()
+                dead.add((len(frames), ends[len(frames) - 1] if frames else 0))
+            if not frames:
                 return None
-            ends.append(at)
-        return Alignment(ends, frozenset(trim)) if at == len(data) else None
+            i = len(frames) - 1
+            at, trimmed = frames[i].pop()
+            ends[i:] = [at]
+            trims[i:] = [trimmed]
+
+    def _readings(self, token_id: int, data: bytes, at: int) -> list[tuple[int, bool]]:
+        """Where token `token_id` can end if it starts at byte `at` of `data`, with whether its
+        leading space is dropped; the most literal reading last (the one tried first)."""
+        piece = self.piece_bytes(token_id)
+        readings: list[tuple[int, bool]] = []
+        if self.is_special(token_id):
+            readings.append((at, False))
+        if piece[:1] == b" " and data.startswith(piece[1:], at):
+            readings.append((at + len(piece) - 1, True))
+        if data.startswith(piece, at):
+            readings.append((at + len(piece), False))
+        return readings
 
     def trimmed(self, ids: Sequence[int], text: str | bytes | None = None) -> frozenset[int]:
         """The indices of `ids` whose leading space is the dummy prefix, given the text they
