@@ -24,6 +24,7 @@ from ..jobs import Job, Scorer
 from ..scoring import Score
 from ..target_logprobs import FALLBACK_REASON
 from ..target_logprobs import problem as target_path_problem
+from . import echo
 from .limits import Limits
 from .lora_turns import Turns
 from .metrics import metrics, model_label
@@ -76,6 +77,27 @@ class ServerScoring:
             logger.warning("vllm-loglik scores with vLLM's own prompt logprobs: %s", self.path_problem)
         #: The `model` label of the base model in the metrics (a request without `model`).
         self.base_name = model_label(None, getattr(state, "openai_serving_models", None))
+        #: Why echo requests are left to vLLM (`echo.py`), if they are; else the completion
+        #: handler's engine client is an `EchoEngineClient` (`install_echo`).
+        self.echo_problem = echo.problem(engine_client.vllm_config, self.block_size, self.lora_problem)
+        self.echo: echo.EchoEngineClient | None = None
+
+    def install_echo(self, state: State) -> None:
+        """Give the completion handler the engine client that accelerates echo requests."""
+        handler = getattr(state, "openai_serving_completion", None)
+        if handler is None or self.echo_problem is not None:
+            if self.echo_problem is not None:
+                logger.info("echo requests are answered by vLLM alone: %s", self.echo_problem)
+            return
+        self.echo = echo.EchoEngineClient(
+            handler.engine_client, self, echo.granularity_for(self.block_size), echo.cache_bytes()
+        )
+        handler.engine_client = self.echo
+
+    def echo_answered(self, model: str, stats: echo.EchoStats) -> None:
+        if self.path_problem is not None:
+            metrics().fallbacks.labels(FALLBACK_REASON).inc()
+        metrics().echo_prompt(model, stats.shared_tokens, stats.fallback)
 
     async def _generate(self, request: EngineRequest, lora_request: Any) -> Any:
         from vllm.inputs import TokensPrompt

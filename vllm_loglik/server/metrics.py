@@ -21,6 +21,9 @@ before that (not JSON, a wrong type) is in vLLM's own `http_requests_total`.
 | `vllm_loglik:warmups_total` | `model` | shared contexts prefilled once into the prefix cache |
 | `vllm_loglik:warmup_tokens_total` | `model` | their prompt tokens |
 | `vllm_loglik:cached_tokens_total` | `model` | prompt tokens that scoring requests read from the prefix cache |
+| `vllm_loglik:echo_requests_total` | `model` | echo requests that only score, answered with echo acceleration (`echo.py`) |
+| `vllm_loglik:echo_prompts_total` | `model` | their prompts |
+| `vllm_loglik:echo_shared_tokens_total` | `model` | prompt tokens whose logprobs they read from prefixes that earlier echo prompts computed |
 | `vllm_loglik:fallbacks_total` | `reason` | cached outputs that could not be read, scored again without the cache; scoring requests whose prompt logprobs the engine computes on vLLM's own path (`prompt_logprobs_path`) |
 
 `mode` is `prompt` (`loglikelihood: true`, or no scope), `continuations`, `rolling` or
@@ -95,6 +98,17 @@ class Metrics:
             "were cached. prompt_logprobs_path: scoring requests computed on vLLM's own prompt "
             "logprobs path, not the target-only one.", ["reason"],
         )  # fmt: skip
+        self.echo_requests = Counter(
+            "vllm_loglik:echo_requests", "Echo requests that only score (echo with logprobs, "
+            "max_tokens 0 or 1), answered with echo acceleration.", ["model"],
+        )  # fmt: skip
+        self.echo_prompts = Counter(
+            "vllm_loglik:echo_prompts", "Prompts of accelerated echo requests.", ["model"]
+        )
+        self.echo_shared_tokens = Counter(
+            "vllm_loglik:echo_shared_tokens", "Prompt tokens of accelerated echo requests whose "
+            "logprobs were read from a prefix that an earlier echo prompt computed.", ["model"],
+        )  # fmt: skip
         for reason in (*UNREADABLE_REASONS, FALLBACK_REASON):
             self.fallbacks.labels(reason)  # exported at 0 from the start
 
@@ -109,6 +123,13 @@ class Metrics:
             self.cached_tokens.labels(model).inc(stats.cached_tokens)
         for reason, count in stats.fallbacks.items():
             self.fallbacks.labels(reason).inc(count)
+
+    def echo_prompt(self, model: str, shared_tokens: int, fallback: str | None) -> None:
+        self.echo_prompts.labels(model).inc()
+        if shared_tokens:
+            self.echo_shared_tokens.labels(model).inc(shared_tokens)
+        if fallback is not None:
+            self.fallbacks.labels(fallback).inc()
 
     def answered(
         self, endpoint: str, mode: str, status: int, model: str, seconds: float

@@ -40,6 +40,7 @@ from vllm.entrypoints.serve.utils.api_utils import with_cancellation
 
 from .chat import score_chat
 from .completions import score_completion
+from .echo import PLAN, echo_plan
 from .engine import ScoringFault, ServerScoring
 from .limits import Limits
 from .metrics import metrics, mode_of, model_label
@@ -70,6 +71,8 @@ def _wrap(original: APIRoute, request_model: type, handler: Handler, label: str)
 
     async def endpoint(request: Any, raw_request: Request):
         if not request.loglikelihood:
+            if label == "completions":
+                return await _echo_or_original(original_endpoint, request, raw_request)
             return await original_endpoint(request, raw_request)
         start = time.perf_counter()
         outcome: int | str = "cancelled"  # the client left: with_cancellation returns None
@@ -103,6 +106,25 @@ def _wrap(original: APIRoute, request_model: type, handler: Handler, label: str)
     endpoint.__name__ = original_endpoint.__name__
     endpoint.__doc__ = original_endpoint.__doc__
     return endpoint
+
+
+async def _echo_or_original(original: Handler, request: Any, raw_request: Request) -> Any:
+    """A completions request without the field, answered by vLLM's own endpoint; with echo
+    acceleration (`echo.py`) where it only scores and the server accelerates echo requests."""
+    scoring: ServerScoring | None = getattr(raw_request.app.state, "vllm_loglik", None)
+    if scoring is None or scoring.echo is None:
+        return await original(request, raw_request)
+    models = getattr(raw_request.app.state, "openai_serving_models", None)
+    model = model_label(request.model, models)
+    plan = echo_plan(request, model)
+    if plan is None:
+        return await original(request, raw_request)
+    token = PLAN.set(plan)
+    try:
+        return await original(request, raw_request)
+    finally:
+        PLAN.reset(token)
+        metrics().echo_requests.labels(model).inc()
 
 
 class _BodyTooLarge(HTTPException):
@@ -227,3 +249,5 @@ class LoglikelihoodPlugin:
         # No engine (the CPU-only render server): the routes then behave as the originals,
         # and a loglikelihood request gets an error from the missing state.
         state.vllm_loglik = ServerScoring(engine_client, state) if engine_client else None
+        if state.vllm_loglik is not None:
+            state.vllm_loglik.install_echo(state)
