@@ -189,7 +189,7 @@ class Lookup:
 
     rows: list[Rows]
     known: int
-    claims: list[tuple] = field(default_factory=list)
+    claims: list[tuple[int, tuple]] = field(default_factory=list)  # (block index, key)
 
 
 class PrefixRows:
@@ -233,19 +233,18 @@ class PrefixRows:
             await asyncio.shield(pending)  # its owner stores the block, or gives up on it
             if key not in self._blocks:
                 break
-        claims = [key for key in keys[len(found) :] if key not in self._pending]
+        claims = [(j, key) for j, key in enumerate(keys) if j >= len(found) and key not in self._pending]
         loop = asyncio.get_running_loop()
-        for key in claims:
+        for _, key in claims:
             self._pending[key] = loop.create_future()
         return Lookup(found, len(found) * self.granularity, claims)
 
-    def release(self, lookup: Lookup, keys: list[tuple], rows: Rows | None) -> None:
+    def release(self, lookup: Lookup, rows: Rows | None) -> None:
         """Store the claimed blocks from `rows` (every position after the first; None when the
         request failed) and wake the requests waiting for them."""
         g = self.granularity
-        for key in lookup.claims:
+        for j, key in lookup.claims:
             if rows is not None and self.max_bytes:
-                j = keys.index(key)
                 block = rows[j * g : (j + 1) * g]
                 old = self._blocks.pop(key, None)
                 self.bytes += block.nbytes - (old.nbytes if old is not None else 0)
@@ -370,7 +369,6 @@ class EchoEngineClient:
         ids: list[int] = list(prompt["prompt_token_ids"])
         lora = kwargs.get("lora_request")
         root = (lora.lora_name if lora is not None else None, prompt.get("cache_salt"), plan.k)
-        keys = self.rows.keys(root, ids)
         lookup = await self.rows.acquire(root, ids)
         stats = EchoStats(shared_tokens=lookup.known)
         computed: Rows | None = None
@@ -378,7 +376,7 @@ class EchoEngineClient:
             out, tail = await self._tail(prompt, params, request_id, kwargs, ids, lookup, stats, plan.k)
             computed = Rows.concat([*lookup.rows, tail], plan.k)
         finally:
-            self.rows.release(lookup, keys, computed)
+            self.rows.release(lookup, computed)
         tokenizer = self._engine.renderer.get_tokenizer() if params.detokenize else None
         out.prompt_logprobs = _vllm_prompt_logprobs(computed, plan.k, params.flat_logprobs, tokenizer)
         rebuild_output(out, params, ids, tokenizer)
