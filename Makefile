@@ -25,10 +25,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# The long versions of the load and hostile-input tests (500 requests per round, many more
-# generated bodies); `make test` runs short versions of each.
+# Every test, in its long version where it has one: the load and hostile-input tests (500
+# requests per round, many more generated bodies), the bench's smoke run of every row, lm-eval
+# on the SentencePiece model (tests marked `soak`, or checking `conftest.SOAK`); `make test`
+# runs the short versions.
 soak: $(STAMP)
-	VLLM_LOGLIK_SOAK=1 $(PY) -m pytest -q -s tests/test_load.py tests/test_hostile.py
+	VLLM_LOGLIK_SOAK=1 $(PY) -m pytest -q -s
 
 bench: $(STAMP)
 	$(PY) bench/run.py

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: lm-eval page the rows of lm-eval.
 DOCS_TABLES: dict[Path, tuple[str, ...] | None] = {
     ROOT / "docs" / "performance.md": None,
-    ROOT / "docs" / "lm-eval.md": ("8", "10", "11", "13"),
+    ROOT / "docs" / "lm-eval.md": ("8", "10", "11", "13", "14", "15"),
 }
 TABLE_START = "<!-- bench table: written by bench/run.py from bench/latest.json; do not edit -->"
 TABLE_END = "<!-- end of bench table -->"

@@ -30,11 +30,14 @@ on the Python standard library's source, bf16) in `.cache/bench-model`, then mea
     with `vllm_loglik.loglikelihood_tokens` (the prompt computed once) against native
     `prompt_logprobs` on each prompt + response;
 13. lm-eval in process on a 5-shot multiple-choice task shaped like MMLU (the same 5 examples
-    before every question, letters as choices), against `--model vllm`.
+    before every question, letters as choices), against `--model vllm`;
+14. lm-eval's own `local-completions` (echo scoring, one request per pair) on row 10's task,
+    against the plugin's server (echo acceleration) and against plain vLLM;
+15. the same on row 13's 5-shot MMLU-shaped task.
 
 Each family of rows is a module of its own, which a newcomer can read whole: `server_rows.py`
 (1, 2, 4, 5, 6), `offline_rows.py` (3, 7), `batch_rows.py` (9), `lm_eval_rows.py` (8, 10, 11,
-13), `token_responses.py` (12); what they share (the sizes, the model, servers, timing, a row in
+13), `token_responses.py` (12), `echo_rows.py` (14, 15); what they share (the sizes, the model, servers, timing, a row in
 a process of its own) is in `common.py`. This script runs them and prints the table.
 
 Rows 1-3 and 6 run twice: with vLLM's CPU default of one core reserved for the front-end
@@ -46,7 +49,7 @@ Every row runs in the dtype that the CPU runs natively: bfloat16 where the CPU h
 and a ratio would measure the emulation); the JSON records the dtype and the CPU's model and
 flags. `--only KEY[,KEY]` re-runs some rows (keys of the JSON: `offline`, `server`,
 `multiple_choice`, `offline_multiple_choice`, `batch`, `lm_eval`, `lm_eval_offline`,
-`token_responses`, `memory_large_vocab`) and keeps
+`token_responses`, `echo`, `memory_large_vocab`) and keeps
 the others' figures from the existing JSON.
 Prints a markdown table and writes the figures as JSON (`bench/latest.json`, or `--json PATH`).
 `--smoke` runs the same code on the tiny test model with a few prompts, to keep this script
@@ -63,6 +66,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import batch_rows  # noqa: E402
+import echo_rows  # noqa: E402
 import lm_eval_rows  # noqa: E402
 import offline_rows  # noqa: E402
 import server_rows  # noqa: E402
@@ -82,7 +86,7 @@ from common import (  # noqa: E402
 from docs_tables import write_docs_table  # noqa: E402
 
 #: The modules whose rows the table prints, each with `table_rows(results, size)`.
-FAMILIES = (server_rows, offline_rows, batch_rows, lm_eval_rows, token_responses)
+FAMILIES = (server_rows, offline_rows, batch_rows, lm_eval_rows, token_responses, echo_rows)
 
 
 def table(r: dict, size: Size) -> str:
@@ -131,7 +135,7 @@ def main() -> None:
 
     out = args.json or (ROOT / "bench" / ("latest.json" if size.name == "full" else "smoke.json"))
     keys = ["offline", "server", "multiple_choice", "offline_multiple_choice", "batch",
-            "lm_eval", "lm_eval_offline", "token_responses", "memory_large_vocab"]  # fmt: skip
+            "lm_eval", "lm_eval_offline", "token_responses", "echo", "memory_large_vocab"]  # fmt: skip
     # The smoke run leaves out row 5 on a 131k vocabulary: a server of its own, around a
     # 131k-vocabulary model, whose measuring code is row 5's.
     default = [k for k in keys if not (args.smoke and k == "memory_large_vocab")]
@@ -169,6 +173,8 @@ def main() -> None:
         results["lm_eval_offline"] = lm_eval_rows.lm_eval_offline_rows(model, size, dtype, args.smoke)
     if "token_responses" in only:
         results["token_responses"] = offline_child(args.smoke, size, RESERVED, "responses")
+    if "echo" in only:
+        results["echo"] = echo_rows.echo_rows(model, size, dtype)
     if "memory_large_vocab" in only:
         results["memory_large_vocab"] = server_rows.memory_large_vocab(size, dtype)
 
@@ -192,6 +198,9 @@ def main() -> None:
         lo = results["lm_eval_offline"]
         if max(lo[f"{task}_max_abs_diff"] for task in lm_eval_rows.OFFLINE_TASKS) > 1e-4:
             sys.exit("FAIL: vllm-loglik-offline disagrees with lm-eval's vllm model")
+    if dtype == "float32" and "echo" in only:
+        if max(results["echo"][f"{task}_max_abs_diff"] for task in echo_rows.TASKS) > 1e-4:
+            sys.exit("FAIL: local-completions gets other numbers from the plugin's server")
 
 
 if __name__ == "__main__":

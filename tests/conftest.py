@@ -26,6 +26,21 @@ os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 TRACE = Path(tempfile.mkdtemp(prefix="vllm-loglik-trace-")) / "target-logprobs.txt"
 os.environ.setdefault("VLLM_LOGLIK_TARGET_LOGPROBS_TRACE", str(TRACE))
 
+#: `make soak` sets this: the long versions of some tests run, and the tests marked `soak`.
+SOAK = os.environ.get("VLLM_LOGLIK_SOAK") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `soak` (long versions of what `make test` checks in a shorter way) run
+    under `make soak` only."""
+    if SOAK:
+        return
+    skip = pytest.mark.skip(reason="a long version: make soak runs it")
+    for item in items:
+        if item.get_closest_marker("soak"):
+            item.add_marker(skip)
+
+
 #: Small on purpose: rolling texts longer than three windows stay short.
 MAX_MODEL_LEN = 128
 

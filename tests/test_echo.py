@@ -42,7 +42,7 @@ def same(ours, plain, path: str = "") -> None:
             same(ours[key], plain[key], f"{path}.{key}")
     elif isinstance(plain, list):
         assert isinstance(ours, list) and len(ours) == len(plain), path
-        for i, (a, b) in enumerate(zip(ours, plain)):
+        for i, (a, b) in enumerate(zip(ours, plain, strict=True)):
             same(a, b, f"{path}[{i}]")
     elif isinstance(plain, float) and not isinstance(ours, bool):
         assert ours == pytest.approx(plain, abs=1e-4), path

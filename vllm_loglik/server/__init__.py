@@ -12,6 +12,7 @@ This package is the only code that touches vLLM's server. One module per concern
 | `completions` | the `/v1/completions` handler |
 | `chat` | the `/v1/chat/completions` handler |
 | `responses` | merging entries into vLLM's responses, score-only responses |
+| `echo` | echo acceleration: scoring-only echo completions read shared prefixes' logprobs |
 """
 
 from .plugin import LoglikelihoodPlugin

@@ -79,6 +79,9 @@ GRANULARITY = 16
 #: The most alternatives per position that an accelerated request asks for (OpenAI's limit
 #: for `logprobs` on completions is 5; vLLM allows up to `--max-logprobs`).
 MAX_K = 20
+#: Bytes that a block of known rows costs besides its arrays (measured: the arrays' headers, the
+#: `Rows` object, the key and the LRU's entry).
+BLOCK_OVERHEAD = 670
 
 #: The plan of the echo request being handled (set by the route, read by `EchoEngineClient`).
 PLAN: contextvars.ContextVar[EchoPlan | None] = contextvars.ContextVar("vllm_loglik_echo", default=None)
@@ -149,16 +152,21 @@ class Rows:
 
     @property
     def nbytes(self) -> int:
-        return self.token_ids.nbytes + self.logprobs.nbytes + self.ranks.nbytes
+        """The arrays' bytes, and what a block costs besides (its key, the objects)."""
+        return self.token_ids.nbytes + self.logprobs.nbytes + self.ranks.nbytes + BLOCK_OVERHEAD
 
     def __getitem__(self, index: slice) -> Rows:
         return Rows(self.token_ids[index], self.logprobs[index], self.ranks[index])
+
+    def copy(self) -> Rows:
+        """Rows that own their arrays (a slice keeps the whole of what it was cut from)."""
+        return Rows(self.token_ids.copy(), self.logprobs.copy(), self.ranks.copy())
 
     @staticmethod
     def concat(parts: Sequence[Rows], k: int) -> Rows:
         if not parts:
             empty = np.zeros((0, k + 1))
-            return Rows(empty.astype(np.int64), empty.astype(np.float32), np.zeros(0, np.int64))
+            return Rows(empty.astype(np.int32), empty.astype(np.float32), np.zeros(0, np.int32))
         return Rows(
             np.concatenate([p.token_ids for p in parts]),
             np.concatenate([p.logprobs for p in parts]),
@@ -169,7 +177,7 @@ class Rows:
 def rows_of(scored: Any, ids: Sequence[int], k: int) -> Rows:
     """`Rows` from `ScoredRows` (`vllm_loglik.engine_output`) of the positions holding `ids`."""
     n = len(scored.logprobs)
-    token_ids = np.zeros((n, k + 1), np.int64)
+    token_ids = np.zeros((n, k + 1), np.int32)
     logprobs = np.zeros((n, k + 1), np.float32)
     token_ids[:, 0] = ids
     logprobs[:, 0] = scored.logprobs
@@ -179,7 +187,7 @@ def rows_of(scored: Any, ids: Sequence[int], k: int) -> Rows:
                 raise ValueError(f"the engine returned {len(top)} alternatives, not {k}")
             token_ids[i, 1:] = [t for t, _ in top]
             logprobs[i, 1:] = [lp for _, lp in top]
-    return Rows(token_ids, logprobs, np.asarray(scored.ranks, np.int64))
+    return Rows(token_ids, logprobs, np.asarray(scored.ranks, np.int32))
 
 
 @dataclass
@@ -245,7 +253,7 @@ class PrefixRows:
         g = self.granularity
         for j, key in lookup.claims:
             if rows is not None and self.max_bytes:
-                block = rows[j * g : (j + 1) * g]
+                block = rows[j * g : (j + 1) * g].copy()
                 old = self._blocks.pop(key, None)
                 self.bytes += block.nbytes - (old.nbytes if old is not None else 0)
                 self._blocks[key] = block
