@@ -115,7 +115,7 @@ def echo_plan(request: Any, model: str) -> EchoPlan | None:
     return EchoPlan(k, model)
 
 
-def problem(vllm_config: Any, block_size: int | None, lora_problem: str | None) -> str | None:
+def problem(block_size: int | None, lora_problem: str | None) -> str | None:
     """Why echo requests are left to vLLM on this server, or None where they are accelerated."""
     if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return f"turned off ({ENV}=0)"

@@ -79,7 +79,7 @@ class ServerScoring:
         self.base_name = model_label(None, getattr(state, "openai_serving_models", None))
         #: Why echo requests are left to vLLM (`echo.py`), if they are; else the completion
         #: handler's engine client is an `EchoEngineClient` (`install_echo`).
-        self.echo_problem = echo.problem(engine_client.vllm_config, self.block_size, self.lora_problem)
+        self.echo_problem = echo.problem(self.block_size, self.lora_problem)
         self.echo: echo.EchoEngineClient | None = None
 
     def install_echo(self, state: State) -> None:
