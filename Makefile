@@ -27,8 +27,8 @@ test: $(STAMP)
 
 # Every test, in its long version where it has one: the load and hostile-input tests (500
 # requests per round, many more generated bodies), the bench's smoke run of every row, lm-eval
-# on the SentencePiece model (tests marked `soak`, or checking `conftest.SOAK`); `make test`
-# runs the short versions.
+# on the SentencePiece and Tekken models (tests marked `soak`, or checking `conftest.SOAK`);
+# `make test` runs the short versions.
 soak: $(STAMP)
 	VLLM_LOGLIK_SOAK=1 $(PY) -m pytest -q -s
 

@@ -18,6 +18,7 @@ detection on the CPU). Our model needs none of this.
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -132,9 +133,11 @@ def test_chat_template_and_two_data_parallel_replicas_equal_lm_evals_engine(
     once for the whole run (three request types: three calls). The same rendered prompts,
     loglikelihoods and generations as lm-eval's `vllm` model on one engine."""
     tasks = "loglik_mc,loglik_gen"
-    two = run("vllm-loglik-offline", model_args(model_path, "data_parallel_size=2"), tasks,
-              tmp_path / "dp", CHAT)  # fmt: skip
-    theirs = run("vllm", model_args(model_path), tasks, tmp_path / "theirs", CHAT, vllm_dist_env)
+    with ThreadPoolExecutor(2) as pool:  # side by side: each run is mostly start-up
+        ours = pool.submit(run, "vllm-loglik-offline", model_args(model_path, "data_parallel_size=2"),
+                           tasks, tmp_path / "dp", CHAT)  # fmt: skip
+        theirs = run("vllm", model_args(model_path), tasks, tmp_path / "theirs", CHAT, vllm_dist_env)
+        two = ours.result()
     first = two[1]["loglik_gen"][0]["arguments"]["gen_args_0"]["arg_0"]
     assert first.startswith("<s><|system|>\nAnswer in one word.<|end|>\n<|user|>\n")
     assert first.count("<|user|>") == 2 and first.endswith("<|assistant|>\n")  # one shot

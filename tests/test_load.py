@@ -26,7 +26,6 @@ import time
 
 import httpx
 import psutil
-import pytest
 
 import vllm_loglik
 from vllm_loglik.testing import default_corpus

@@ -73,11 +73,11 @@ def test_map_batches_scores_rows_of_columns_as_the_offline_api(ray_address, mode
         body = {k: v for k, v in body.items() if v is not None}
         want = offline_scores(llm, body)
         assert len(row["loglikelihood"]) == len(want)
-        for entry, score in zip(row["loglikelihood"], want, strict=True):
-            assert entry["text"] == score.text
-            assert entry["num_tokens"] == score.num_tokens
-            assert entry["is_greedy"] == score.is_greedy
-            assert abs(entry["logprob"] - score.logprob) <= 1e-4 * max(score.num_tokens, 1)
+        for entry, expected in zip(row["loglikelihood"], want, strict=True):
+            assert entry["text"] == expected.text
+            assert entry["num_tokens"] == expected.num_tokens
+            assert entry["is_greedy"] == expected.is_greedy
+            assert abs(entry["logprob"] - expected.logprob) <= 1e-4 * max(expected.num_tokens, 1)
             assert "content" not in entry  # compact, as the CLI's default
 
 
@@ -115,7 +115,6 @@ def test_batches_of_every_format_become_plain_rows():
     """An actor's `__call__` takes the batch format that the user chose: pyarrow, pandas or
     numpy; each becomes plain Python rows, and nulls (NaN in pandas) mean absent keys."""
     import numpy as np
-    import pandas as pd
     import pyarrow as pa
 
     from vllm_loglik.ray_data import batch_rows, strip_nulls

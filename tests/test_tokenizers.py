@@ -363,8 +363,8 @@ def test_lm_eval_in_process_and_through_the_server(family, tmp_path, vllm_dist_e
 
     if family.name == "bpe":
         pytest.skip("the demo model: tests/test_lm_eval_offline.py and tests/test_lm_eval.py")
-    if family.name == "sentencepiece" and not SOAK:
-        pytest.skip("a long version: make soak runs it (Tekken, the other family, runs here)")
+    if not SOAK:
+        pytest.skip("a long version (three lm-eval runs, each with its engine): make soak runs it")
     args = model_args(str(family.path), "tokenizer_mode=mistral" if family.mistral else "")
     tasks = ["--tasks", "loglik_mc,loglik_rolling", "--batch_size", "auto"]
     served_args = f"base_url={family.server.url}/v1/completions,model=tiny"
