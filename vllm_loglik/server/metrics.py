@@ -9,7 +9,8 @@ whichever of the two vLLM uses: in multi-process mode their values go to that di
 `/metrics` on any process shows the sums over all of them.
 
 Names start with `vllm_loglik:` (vLLM's own start with `vllm:`). Only requests that carry the
-`loglikelihood` field and reach the plugin's handler are counted; a body that FastAPI refuses
+`loglikelihood` field and reach the plugin's handler are counted, and, in the `echo_` metrics,
+the echo requests that echo acceleration answers (`echo.py`); a body that FastAPI refuses
 before that (not JSON, a wrong type) is in vLLM's own `http_requests_total`.
 
 | metric | labels | what it counts |

@@ -12,7 +12,10 @@ A request without the field, or with `loglikelihood: false`, is handed to the or
 endpoint unchanged: streaming, tools, errors and generation behave as without the plugin. The
 routes keep the original routes' dependencies; `--api-key` is enforced by vLLM's middleware,
 which guards every `/v1` path. `init_state` builds the per-app `ServerScoring` from the engine
-client.
+client. A completions request without the field that only scores with `echo` (`echo.py`) is
+handed to the original endpoint too, marked, so that the completion handler's engine client
+(which `init_state` sets to `echo.EchoEngineClient`) computes its prompts with echo
+acceleration; vLLM's handler still makes the response.
 
 Each scoring request is counted on vLLM's `/metrics` (`metrics.py`), in every API-server
 process when there are several.
