@@ -60,7 +60,12 @@ from typing import Any
 
 import numpy as np
 
-from ..engine_output import require_span_logprobs, span_logprobs, unreadable_reason
+from ..engine_output import (
+    EngineOutputError,
+    require_span_logprobs,
+    span_logprobs,
+    unreadable_reason,
+)
 from ..spans import Span
 from ..target_logprobs import MARK
 
@@ -184,7 +189,7 @@ def rows_of(scored: Any, ids: Sequence[int], k: int) -> Rows:
     if k:
         for i, top in enumerate(scored.top):
             if len(top) != k:
-                raise ValueError(f"the engine returned {len(top)} alternatives, not {k}")
+                raise EngineOutputError(f"the engine returned {len(top)} alternatives, not {k}")
             token_ids[i, 1:] = [t for t, _ in top]
             logprobs[i, 1:] = [lp for _, lp in top]
     return Rows(token_ids, logprobs, np.asarray(scored.ranks, np.int32))
@@ -436,7 +441,7 @@ async def _last(stream: Any) -> Any:
     async for out in stream:
         final = out
     if final is None:
-        raise RuntimeError("the engine returned no output")
+        raise EngineOutputError("the engine returned no output")
     return final
 
 
