@@ -89,7 +89,7 @@ def bodies(tokenizer) -> list[dict]:
                 out.append(dict(common, prompt=LONG_CONTEXT + cont))
             out.append(dict(common, prompt=[ids + tokenizer.encode(c, add_special_tokens=False)
                                             for c in CONTINUATIONS[1:4]]))  # fmt: skip
-    out.append({"model": MODEL, "echo": True, "logprobs": 0, "max_tokens": 1,
+    out.append({"model": MODEL, "echo": True, "logprobs": 0, "max_tokens": 1, "temperature": 0,
                 "prompt": [LONG_CONTEXT + c for c in CONTINUATIONS]})  # fmt: skip
     return out
 
