@@ -37,7 +37,13 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .engine_output import ScoredRows, require_span_logprobs, span_logprobs, unreadable_reason
+from .engine_output import (
+    EngineOutputError,
+    ScoredRows,
+    require_span_logprobs,
+    span_logprobs,
+    unreadable_reason,
+)
 from .spans import Span
 from .target_logprobs import MARK
 
@@ -226,6 +232,16 @@ def _require(out: Any, span: Span, top_logprobs: int) -> ScoredRows:
     return require_span_logprobs(
         out.prompt_logprobs, out.num_cached_tokens, span, out.request_id, top_logprobs
     )
+
+
+async def last_output(stream: Any, request_id: str) -> Any:
+    """The final output of an engine request's output stream (`EngineClient.generate`)."""
+    final = None
+    async for out in stream:
+        final = out
+    if final is None:
+        raise EngineOutputError(f"engine request {request_id} returned no output")
+    return final
 
 
 def run_sync(protocol: Protocol, run: Any) -> list[ScoredRows]:

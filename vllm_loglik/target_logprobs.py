@@ -65,21 +65,23 @@ def _disable(reason: str) -> None:
     logger.warning("vllm-loglik: vLLM's own prompt logprobs from now on in this engine (%s)", reason)
 
 
-def _version() -> str:
+def vllm_version() -> str:
+    """The installed vLLM's version, without a local tag (`0.32.0+cpu` is `0.32.0`)."""
     import vllm
 
     return vllm.__version__.split("+")[0]
 
 
-def _turned_off() -> bool:
-    return os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off")
+def switched_off(name: str) -> bool:
+    """Whether the environment turns the switch `name` off (`0`, `false`, `no` or `off`)."""
+    return os.environ.get(name, "1").strip().lower() in ("0", "false", "no", "off")
 
 
 def problem(vllm_config: Any) -> str | None:
     """Why the target-only path does not apply to this engine, or None where it does."""
-    if _turned_off():
+    if switched_off(ENV):
         return f"turned off ({ENV}=0)"
-    version = _version()
+    version = vllm_version()
     if version not in VERIFIED_VERSIONS:
         return f"vLLM {version} is not a version it was verified on ({', '.join(VERIFIED_VERSIONS)})"
     if getattr(vllm_config, "use_v2_model_runner", False):
@@ -99,9 +101,9 @@ def install() -> None:
     if _installed:
         return
     _installed = True
-    if _turned_off():
+    if switched_off(ENV):
         return
-    version = _version()
+    version = vllm_version()
     if version not in VERIFIED_VERSIONS:
         logger.info("vllm-loglik: vLLM's own prompt logprobs (vLLM %s is not verified)", version)
         return

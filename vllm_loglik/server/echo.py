@@ -66,8 +66,9 @@ from ..engine_output import (
     span_logprobs,
     unreadable_reason,
 )
+from ..engine_requests import last_output
 from ..spans import Span
-from ..target_logprobs import MARK
+from ..target_logprobs import MARK, switched_off, vllm_version
 
 logger = logging.getLogger("vllm_loglik.server")
 
@@ -122,12 +123,11 @@ def echo_plan(request: Any, model: str) -> EchoPlan | None:
 
 def problem(block_size: int | None, lora_problem: str | None) -> str | None:
     """Why echo requests are left to vLLM on this server, or None where they are accelerated."""
-    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    if switched_off(ENV):
         return f"turned off ({ENV}=0)"
-    import vllm
-
-    if vllm.__version__.split("+")[0] not in VERIFIED_VERSIONS:
-        return f"vLLM {vllm.__version__} is not one this was verified on ({', '.join(VERIFIED_VERSIONS)})"
+    version = vllm_version()
+    if version not in VERIFIED_VERSIONS:
+        return f"vLLM {version} is not one this was verified on ({', '.join(VERIFIED_VERSIONS)})"
     if block_size is None:
         return "the engine has prefix caching off"
     if lora_problem is not None:
@@ -284,26 +284,21 @@ def _vllm_prompt_logprobs(rows: Rows, k: int, flat: bool, tokenizer: Any) -> Any
     return processor.prompt_logprobs
 
 
-def _sample_rows(logprobs: Any, token_id: int) -> tuple[list[int], list[float], int] | None:
-    """The generated token's row (`[token, top k]`, logprobs, rank) from the engine's output,
-    in either container."""
-    if not logprobs:
+def _sample_row(flat: Any) -> tuple[list[int], list[float], int] | None:
+    """The generated token's row (`[token, top k]`, logprobs, rank) from the engine's output
+    (a `FlatLogprobs`: the tail asks for `flat_logprobs`)."""
+    if not flat:
         return None
-    if hasattr(logprobs, "start_indices"):  # FlatLogprobs
-        s, e = logprobs.start_indices[0], logprobs.end_indices[0]
-        return list(logprobs.token_ids[s:e]), list(logprobs.logprobs[s:e]), logprobs.ranks[s]
-    entry = logprobs[0]
-    own = entry[token_id]
-    others = [(t, lp) for t, lp in entry.items()]
-    return [t for t, _ in others], [lp.logprob for _, lp in others], own.rank
+    s, e = flat.start_indices[0], flat.end_indices[0]
+    return list(flat.token_ids[s:e]), list(flat.logprobs[s:e]), flat.ranks[s]
 
 
 def rebuild_output(out: Any, params: Any, prompt_ids: list[int], tokenizer: Any) -> None:
     """Make the generated token's `text` and `logprobs` of `out` (computed with
     `detokenize=False`) what vLLM's output processor makes with the client's `params`."""
+    from vllm.logprobs import create_sample_logprobs
     from vllm.v1.engine.detokenizer import IncrementalDetokenizer
     from vllm.v1.engine.logprobs import LogprobsProcessor
-    from vllm.logprobs import create_sample_logprobs
 
     completion = out.outputs[0]
     tokenizer = tokenizer if params.detokenize else None
@@ -321,7 +316,7 @@ def rebuild_output(out: Any, params: Any, prompt_ids: list[int], tokenizer: Any)
     completion.text = detokenizer.get_next_output_text(True, False)
     if params.logprobs is None or not new_ids:
         return
-    row = _sample_rows(completion.logprobs, new_ids[0])
+    row = _sample_row(completion.logprobs)
     if row is None:
         return
     token_ids, logprobs, rank = row
@@ -429,20 +424,9 @@ class EchoEngineClient:
         return out, rows_of(scored, ids[start:], k)
 
     async def _final(self, prompt: Any, params: Any, request_id: str, kwargs: dict) -> Any:
-        turns = self._scoring.turns
-        if turns is None:
-            return await _last(self._engine.generate(prompt, params, request_id, **kwargs))
-        async with turns.turn(kwargs.get("lora_request") is not None):
-            return await _last(self._engine.generate(prompt, params, request_id, **kwargs))
-
-
-async def _last(stream: Any) -> Any:
-    final = None
-    async for out in stream:
-        final = out
-    if final is None:
-        raise EngineOutputError("the engine returned no output")
-    return final
+        async with self._scoring.turn(kwargs.get("lora_request")):
+            stream = self._engine.generate(prompt, params, request_id, **kwargs)
+            return await last_output(stream, request_id)
 
 
 def granularity_for(block_size: int) -> int:

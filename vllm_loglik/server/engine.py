@@ -6,14 +6,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from contextlib import AbstractAsyncContextManager, nullcontext
 from typing import Any
 
 from starlette.datastructures import State
 
-from ..engine_output import EngineOutputError
 from ..engine_requests import (
     EngineRequest,
     ProtocolStats,
+    last_output,
     lora_mixing_unsafe,
     lora_scoring_problem,
     prefix_block_size,
@@ -28,7 +29,6 @@ from . import echo
 from .limits import Limits
 from .lora_turns import Turns
 from .metrics import metrics, model_label
-
 
 logger = logging.getLogger("vllm_loglik.server")
 
@@ -102,16 +102,18 @@ class ServerScoring:
     async def _generate(self, request: EngineRequest, lora_request: Any) -> Any:
         from vllm.inputs import TokensPrompt
 
-        final = None
         prompt = TokensPrompt(prompt_token_ids=request.prompt_token_ids)
         stream = self.engine.generate(
             prompt, request.params, request.request_id, lora_request=lora_request
         )
-        async for out in stream:
-            final = out
-        if final is None:
-            raise EngineOutputError(f"engine request {request.request_id} returned no output")
-        return final
+        return await last_output(stream, request.request_id)
+
+    def turn(self, lora_request: Any) -> AbstractAsyncContextManager[Any]:
+        """Where base-model and adapter requests must take turns in the engine (`Turns`), the
+        turn of a request under `lora_request` (None: the base model); else nothing to wait for."""
+        if self.turns is None:
+            return nullcontext()
+        return self.turns.turn(lora_request is not None)
 
     async def _run_batch(self, batch: list[EngineRequest], lora_request: Any) -> list[Any]:
         tasks = [asyncio.ensure_future(self._generate(r, lora_request)) for r in batch]
@@ -133,9 +135,7 @@ class ServerScoring:
         from vllm.exceptions import VLLMError
 
         try:
-            if self.turns is None:
-                return await self._run(jobs, top_logprobs, content, lora_request)
-            async with self.turns.turn(lora_request is not None):
+            async with self.turn(lora_request):
                 return await self._run(jobs, top_logprobs, content, lora_request)
         except VLLMError:
             raise
