@@ -17,6 +17,7 @@ smoke run: 1e-4; in bf16 the batch composition changes rounding, so the figure i
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from common import RESERVED, Size, serve
 from lm_eval_rows import lm_eval_offline_tasks
@@ -25,15 +26,13 @@ from lm_eval_rows import lm_eval_offline_tasks
 TASKS = {"bench_offline_mc": "bench_warm_mc", "bench_offline_mmlu": "bench_warm_mmlu"}
 
 
-def local_completions(url: str, model: str, size: Size) -> dict:
-    """Warm up, then time lm-eval's `local-completions` against the server at `url`."""
+def local_completions(url: str, model: str, size: Size, folder: Path) -> dict:
+    """Warm up, then time lm-eval's `local-completions` against the server at `url`, on the
+    tasks in `folder`."""
     import lm_eval
     from lm_eval.api.registry import get_model
     from lm_eval.tasks import TaskManager
 
-    from lm_eval_rows import ROOT
-
-    folder = ROOT / ".cache" / f"bench-lm-eval-offline-{size.name}"
     args = (f"model=bench,base_url={url}/v1/completions,num_concurrent={size.clients},"
             f"max_retries=1,tokenizer_backend=huggingface,tokenizer={model}")  # fmt: skip
     lm = get_model("local-completions").create_from_arg_string(args, {})
@@ -59,11 +58,11 @@ def echo_rows(model: str, size: Size, dtype: str) -> dict:
     """Rows 14 and 15: plain vLLM first, then the plugin's server."""
     import httpx
 
-    lm_eval_offline_tasks(model, size)
+    folder = lm_eval_offline_tasks(model, size)
     out: dict = {}
     for side, plugin in (("vllm", False), ("ours", True)):
         with serve(model, dtype, size.context_len + 64, True, 8305, RESERVED, 32, plugin) as server:
-            out[side] = local_completions(server.url, model, size)
+            out[side] = local_completions(server.url, model, size, folder)
             if plugin:
                 metrics = httpx.get(server.url + "/metrics").text
                 out["shared_tokens"] = sum(

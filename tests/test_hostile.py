@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
 import threading
 import time
@@ -26,9 +25,8 @@ from hypothesis import strategies as st
 
 import vllm_loglik
 
-from .conftest import API_KEY, Server
+from .conftest import API_KEY, SOAK, Server
 
-SOAK = os.environ.get("VLLM_LOGLIK_SOAK") == "1"
 EXAMPLES = 600 if SOAK else 80
 MODEL = "tiny"
 LIMITS = {

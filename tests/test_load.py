@@ -30,9 +30,8 @@ import psutil
 import vllm_loglik
 from vllm_loglik.testing import default_corpus
 
-from .conftest import API_KEY
+from .conftest import API_KEY, SOAK
 
-SOAK = os.environ.get("VLLM_LOGLIK_SOAK") == "1"
 LOAD_REQUESTS = 500 if SOAK else 160
 CLIENTS = 32
 #: Growth of the API server's resident memory over a second identical round, after a first

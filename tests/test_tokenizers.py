@@ -21,7 +21,7 @@ import pytest
 import vllm_loglik
 from vllm_loglik.protocol import entries
 
-from .conftest import API_KEY, MAX_MODEL_LEN, SOAK, Reference, Server
+from .conftest import API_KEY, MAX_MODEL_LEN, Reference, Server
 
 TOL = 1e-4
 FAMILIES = ("bpe", "sentencepiece", "tekken")
@@ -351,6 +351,7 @@ def vllm_dist_env(tmp_path_factory) -> dict[str, str]:
     return lm_eval_vllm_env(tmp_path_factory.mktemp("vllm-dist"))
 
 
+@pytest.mark.soak  # three lm-eval runs, each with its engine
 def test_lm_eval_in_process_and_through_the_server(family, tmp_path, vllm_dist_env):
     """`vllm-loglik-offline` against lm-eval's own `--model vllm` with the same `--model_args`
     (`tokenizer_mode=mistral` for Tekken): the same requests and per-sample numbers. And, for
@@ -363,8 +364,6 @@ def test_lm_eval_in_process_and_through_the_server(family, tmp_path, vllm_dist_e
 
     if family.name == "bpe":
         pytest.skip("the demo model: tests/test_lm_eval_offline.py and tests/test_lm_eval.py")
-    if not SOAK:
-        pytest.skip("a long version (three lm-eval runs, each with its engine): make soak runs it")
     args = model_args(str(family.path), "tokenizer_mode=mistral" if family.mistral else "")
     tasks = ["--tasks", "loglik_mc,loglik_rolling", "--batch_size", "auto"]
     served_args = f"base_url={family.server.url}/v1/completions,model=tiny"
