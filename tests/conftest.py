@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_loglik.testing import ApiServer
+from vllm_loglik.testing import ApiServer, with_pythonpath
 
 # Each engine reserves this much KV cache (GiB); vLLM's CPU default of 92% of NUMA node 0
 # fails once a second engine or a server is running.
@@ -125,6 +125,7 @@ class Server(ApiServer):
         env: dict | None = None,
         extra_args: list[str] | None = None,
         vllm_serve: bool = False,
+        port: int | None = None,
     ):
         args = [
             "--served-model-name", "tiny", "--dtype", "float32",
@@ -138,7 +139,8 @@ class Server(ApiServer):
         args += extra_args or []
         self.api_key = api_key
         super().__init__(
-            model, args, log_path, plugin=plugin, timeout=240, env=env, vllm_serve=vllm_serve
+            model, args, log_path, plugin=plugin, timeout=240, env=env, vllm_serve=vllm_serve,
+            port=port,
         )
 
     def client(self):
@@ -215,7 +217,7 @@ def v2_server(model_path, lora_paths, tmp_path_factory):
     logs = tmp_path_factory.mktemp("v2-logs")
     rewrites = logs / "rewrites.txt"
     rewrites.touch()
-    env = {"PYTHONPATH": str(HOOK_DIR), "VLLM_LOGLIK_V2_LAYOUT_LOG": str(rewrites),
+    env = {"PYTHONPATH": with_pythonpath(str(HOOK_DIR)), "VLLM_LOGLIK_V2_LAYOUT_LOG": str(rewrites),
            # Adapters may be loaded at run time too (/v1/load_lora_adapter).
            "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
            # vLLM's own prompt-logprob path, as on a GPU's V2 model runner, where the

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import re
+import time
 
 import httpx
 
@@ -20,6 +21,7 @@ import pytest
 import vllm_loglik
 
 from .conftest import API_KEY, Server
+from .test_hostile import wait_idle
 from .test_lora import SERVER_REQUESTS, offline_scores, server_entries
 from .test_server import LONG_CONTEXT, MODEL, OPTIONS, assert_same, metric, post
 
@@ -74,6 +76,38 @@ def test_counters_move_as_the_requests_say(server, llm, ref):
     text = httpx.get(server.url + "/metrics").text
     for reason in ("layout", "missing_entry", "wrong_token"):  # never, on a readable layout
         assert f'vllm_loglik:fallbacks_total{{reason="{reason}"}} 0.0' in text
+
+
+def test_a_client_that_leaves_is_counted_as_cancelled(server, llm):
+    """A client that times out on a long request: its engine work is aborted, and the request
+    is counted, as `cancelled`, in the requests and in the latency histogram (on vLLM 0.32,
+    whose `with_cancellation` returns None for it, and on 0.33, which returns `Response()`)."""
+    labels = {"endpoint": "completions", "mode": "rolling"}
+    cancelled = metric(server, "vllm_loglik:requests_total", **labels, outcome="cancelled")
+    latency = metric(server, "vllm_loglik:request_duration_seconds_count", **labels)
+    body = {"model": MODEL, "max_tokens": 0, "prompt": "word " * 120_000,  # about 6 s in full
+            "loglikelihood": {"scope": "rolling", "content": False}}  # fmt: skip
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/completions", json=body,
+                   headers={"Authorization": f"Bearer {API_KEY}"},
+                   timeout=httpx.Timeout(60, read=1.0))  # fmt: skip
+    wait_idle(server, within=10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if metric(server, "vllm_loglik:requests_total", **labels, outcome="cancelled") > cancelled:
+            break
+        time.sleep(0.1)
+    assert metric(server, "vllm_loglik:requests_total", **labels, outcome="cancelled") == cancelled + 1
+    assert metric(server, "vllm_loglik:request_duration_seconds_count", **labels) == latency + 1
+    # The next request is answered, with the offline API's numbers.
+    text = "After a client left."
+    response = post(server, "/v1/completions", {"model": MODEL, "prompt": text, "max_tokens": 0,
+                                                "loglikelihood": True})  # fmt: skip
+    assert response.status_code == 200
+    [offline] = vllm_loglik.prompt_loglikelihood(llm, [text])
+    assert response.json()["choices"][0]["loglikelihood"][0]["logprob"] == pytest.approx(
+        offline.logprob, abs=1e-4 * offline.num_tokens
+    )
 
 
 def test_an_empty_last_message_is_a_400_naming_its_content(server):

@@ -58,6 +58,17 @@ class Interrupted(Exception):
     """A run stopped because `STOP` was set; everything written so far is whole."""
 
 
+class ServerUnavailable(Exception):
+    """With `--server`: a line got no answer from the server (unreachable, or a 5xx) for
+    `retry_seconds`; the run stops, and every line written so far is whole, so the same command
+    resumes after them."""
+
+
+#: With `--server`, how long a line keeps being sent again while the server is unreachable or
+#: answers with a server error (a 5xx: a restart, an engine that died), before the run stops.
+DEFAULT_RETRY_SECONDS = 120.0
+
+
 def check_stop() -> None:
     if STOP.is_set():
         raise Interrupted
@@ -361,10 +372,16 @@ def run_server(
     details: bool,
     concurrency: int,
     api_key: str | None,
+    retry_seconds: float = DEFAULT_RETRY_SECONDS,
 ) -> None:
     """Score `lines` through a server with the plugin: each line is POSTed as it is, with
     `max_tokens: 0`, the compact response unless `details`, and `model` (the line's own, an
-    adapter or the base model; else `model`, or the server's first model)."""
+    adapter or the base model; else `model`, or the server's first model).
+
+    A line that gets no answer (the connection refused or dropped) or a server error (5xx) is
+    sent again, with a growing pause, for up to `retry_seconds`: a server that restarts within
+    that time loses the run nothing. After it, `ServerUnavailable`: the lines before are
+    written, that line and those after it are not, and the next run resumes there."""
     import asyncio
 
     import httpx
@@ -373,7 +390,8 @@ def run_server(
 
     async def main() -> None:
         async with httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=None) as client:
-            name = model or (await client.get("/v1/models")).json()["data"][0]["id"]
+            sender = Sender(client, url, retry_seconds)
+            name = model or (await sender.get("/v1/models")).json()["data"][0]["id"]
             queue: asyncio.Queue = asyncio.Queue(maxsize=concurrency * 2)
 
             async def produce() -> None:
@@ -386,11 +404,51 @@ def run_server(
                 while (item := await queue.get()) is not None:
                     check_stop()
                     n, text = item
-                    emit(await score_remote(client, name, n, text, details))
+                    emit(await score_remote(sender, name, n, text, details))
 
             await asyncio.gather(produce(), *(consume() for _ in range(concurrency)))
 
     asyncio.run(main())
+
+
+class Sender:
+    """Requests to the server, each sent again while the server cannot answer it (see
+    `run_server`)."""
+
+    def __init__(self, client: Any, url: str, retry_seconds: float):
+        self.client = client
+        self.url = url
+        self.retry_seconds = retry_seconds
+
+    async def get(self, path: str) -> Any:
+        return await self._send("GET", path, None)
+
+    async def post(self, path: str, body: dict[str, Any]) -> Any:
+        return await self._send("POST", path, body)
+
+    async def _send(self, method: str, path: str, body: dict[str, Any] | None) -> Any:
+        import asyncio
+
+        import httpx
+
+        start = time.monotonic()
+        pause = 0.5
+        while True:
+            try:
+                response = await self.client.request(method, path, json=body)
+                if response.status_code < 500:
+                    return response
+                problem = f"HTTP {response.status_code}: {response.text[:200]}"
+            except httpx.TransportError as e:
+                problem = f"{type(e).__name__}: {e}"
+            if time.monotonic() - start >= self.retry_seconds:
+                raise ServerUnavailable(
+                    f"the server at {self.url} gave no answer for {self.retry_seconds:.0f} s "
+                    f"(last: {problem})"
+                )
+            check_stop()
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 5.0)
 
 
 async def score_remote(client: Any, model: str, n: int, text: str, details: bool) -> dict[str, Any]:
@@ -414,7 +472,7 @@ async def score_remote(client: Any, model: str, n: int, text: str, details: bool
     body.pop("max_completion_tokens", None)
     body.pop("stream", None)
     path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
-    response = await client.post(path, json=body)
+    response = await client.post(path, body)
     data = response.json()
     if response.status_code != 200:
         error = data.get("error", {}) if isinstance(data, dict) else {}

@@ -11,6 +11,9 @@ and runs on the CPU build too, whose own `vllm` command does not start.
 `vllm-loglik eval [lm_eval arguments]` registers this package's lm-evaluation-harness models
 (`vllm-loglik-offline`, `vllm-loglik`, `vllm-loglik-chat`) and runs lm-eval's own command line with the arguments
 unchanged, every flag included: lm-eval 0.4 finds no model outside its own package.
+
+`vllm-loglik fingerprints` says, for the installed vLLM, which of the package's fast paths hold
+(`vllm_loglik.fingerprints`: whether the vLLM code each relies on is that of a verified version).
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ commands:
           vllm-loglik eval --model vllm-loglik \\
               --model_args base_url=http://127.0.0.1:8000/v1/completions,model=MODEL \\
               --tasks hellaswag
+  fingerprints
+          which fast paths hold on the installed vLLM: whether the vLLM code that each
+          relies on is that of a version it was verified on (`record` adds this one's)
 """
 
 
@@ -91,8 +97,12 @@ def run_eval(args: list[str]) -> None:
 
 def score_parser() -> Any:
     from vllm.engine.arg_utils import EngineArgs
-    from vllm.entrypoints.launchers.cli_args import LoRAParserAction
     from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    try:  # vLLM 0.33 moved it
+        from vllm.entrypoints.common.cli_args import LoRAParserAction
+    except ImportError:
+        from vllm.entrypoints.launchers.cli_args import LoRAParserAction
 
     parser = FlexibleArgumentParser(
         prog="vllm-loglik score",
@@ -110,6 +120,9 @@ def score_parser() -> Any:
                        help="score through a running server with the plugin (its base URL)")  # fmt: skip
     group.add_argument("--concurrency", type=int, default=16,
                        help="requests in flight with --server (default 16)")  # fmt: skip
+    group.add_argument("--server-retry-seconds", type=float, default=None,
+                       help="with --server: how long a line is sent again while the server "
+                       "is unreachable or answers 5xx, before the run stops (default 120)")  # fmt: skip
     group.add_argument("--server-api-key", default=os.environ.get("OPENAI_API_KEY"),
                        help="the server's API key (default: $OPENAI_API_KEY)")  # fmt: skip
     group.add_argument("--budget-tokens", type=int, default=None,
@@ -176,6 +189,7 @@ def run_score(args: list[str]) -> None:
                 batch.run_server(
                     parsed.server, parsed.model_tag, batch.input_lines(parsed.input, skip), emit,
                     parsed.details, parsed.concurrency, parsed.server_api_key,
+                    parsed.server_retry_seconds or batch.DEFAULT_RETRY_SECONDS,
                 )  # fmt: skip
         elif parsed.ray:
             from vllm.engine.arg_utils import EngineArgs
@@ -210,6 +224,10 @@ def run_score(args: list[str]) -> None:
         interrupted = batch.STOP.is_set()  # stopped during the last line, after its record
     except (KeyboardInterrupt, batch.Interrupted):
         interrupted = True
+    except batch.ServerUnavailable as e:
+        print(f"vllm-loglik score: {e}. {parsed.output} holds every line finished so far; run "
+              "the same command again to resume", file=sys.stderr)  # fmt: skip
+        sys.exit(75)  # EX_TEMPFAIL: try again later
     except Exception:
         # Ctrl-C in a terminal reaches the engine's processes too, which shut down: the error
         # that this raises here is the interrupt's, not the run's.
@@ -244,6 +262,10 @@ def main(argv: list[str] | None = None) -> None:
         run_score(rest)
     elif command == "serve":
         run_serve(rest)
+    elif command == "fingerprints":
+        from .fingerprints import main as fingerprints
+
+        fingerprints(rest)
     else:
         print(USAGE, end="", file=sys.stderr)
         sys.exit(f"vllm-loglik: unknown command {command!r}")

@@ -36,6 +36,11 @@ and a `Logprob` object per position, and reads its columns directly here.
 the caller scores the span again without the cache, where both layouts are the same; if even
 that cannot be read, the engine's output is inconsistent, which is an `EngineOutputError`: a
 fault of the server, never of the client's request.
+
+The layouts above are those of the vLLM code in `RELIES_ON`. Where the installed vLLM's code of
+any of it differs from every version it was verified on (`vllm_loglik.fingerprints`), the
+package reads no prefix cache at all (`engine_requests.prefix_block_size` is None): every span
+is computed whole, where both runners return `[None, lp1, ..., lp(n-1)]`.
 """
 
 from __future__ import annotations
@@ -44,7 +49,24 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .fingerprints import Reliance
 from .spans import Span
+
+#: The vLLM code whose output layouts this module reads: the containers, both runners' rows, and
+#: the output processor's step that turns the rows into `RequestOutput.prompt_logprobs`.
+RELIES_ON = Reliance(
+    "output_layout",
+    (
+        "vllm.logprobs",
+        "vllm.v1.worker.gpu_model_runner:GPUModelRunner._get_prompt_logprobs_dict",
+        "vllm.v1.worker.gpu.sample.prompt_logprob",
+        "vllm.v1.engine.logprobs:LogprobsProcessor._update_prompt_logprobs",
+    ),
+    "no prefix-cache reads (every span computed whole)",
+)
+#: The fallback reason of a scoring request computed without prefix-cache reads because the
+#: installed vLLM's code differs.
+FALLBACK_REASON = "cache_reads"
 
 
 class EngineOutputError(RuntimeError):

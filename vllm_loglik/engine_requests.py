@@ -37,6 +37,7 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .engine_output import RELIES_ON as OUTPUT_LAYOUT
 from .engine_output import (
     EngineOutputError,
     ScoredRows,
@@ -44,8 +45,20 @@ from .engine_output import (
     span_logprobs,
     unreadable_reason,
 )
+from .fingerprints import Reliance, checked
 from .spans import Span
 from .target_logprobs import MARK
+
+#: The CPU LoRA kernels, which decide whether base-model and adapter requests may share an
+#: engine step (`lora_mixing_unsafe`).
+LORA_RELIES_ON = Reliance(
+    "lora_kernels",
+    ("vllm.lora.ops.torch_ops.lora_ops",),
+    "base-model and adapter requests take turns on the CPU",
+)
+#: The verified vLLM versions whose CPU LoRA kernels (those of `LORA_RELIES_ON`) skip the base
+#: model's index -1: vLLM 0.33 masks it (`lora/ops/torch_ops/lora_ops.py`), 0.32 does not.
+LORA_MASKS_BASE = ("0.33.0",)
 
 
 @dataclass(frozen=True)
@@ -79,10 +92,21 @@ Protocol = Generator[list[EngineRequest], list[Any], list[ScoredRows]]
 
 
 def prefix_block_size(vllm_config: Any) -> int | None:
-    """The engine's KV block size when it has prefix caching on, else None: what
-    `score_spans` takes as `block_size`."""
+    """The engine's KV block size when the package reads its prefix cache, else None: what
+    `score_spans` takes as `block_size`. It reads the cache when the engine has prefix caching
+    on and the installed vLLM's output layouts are those `engine_output` reads
+    (`cache_reads_problem`)."""
     cache = vllm_config.cache_config
-    return cache.block_size if cache.enable_prefix_caching else None
+    if not cache.enable_prefix_caching or cache_reads_problem(vllm_config) is not None:
+        return None
+    return cache.block_size
+
+
+def cache_reads_problem(vllm_config: Any) -> str | None:
+    """Why the package reads no prefix cache on an engine that has prefix caching on, or None."""
+    if not vllm_config.cache_config.enable_prefix_caching:
+        return None
+    return checked(OUTPUT_LAYOUT.name).reason()
 
 
 #: Module names that put LoRA on the output layer, whose LoRA logits vLLM 0.32 computes with
@@ -264,14 +288,38 @@ async def run_async(protocol: Protocol, run: Any) -> list[ScoredRows]:
         return stop.value
 
 
+def fast_paths(vllm_config: Any) -> list[str]:
+    """What the start-up line (`vllm_loglik.fingerprints.report`) says of this engine: whether
+    the target-only path and prefix-cache reads are on, and why either is off; whether LoRA
+    requests take turns."""
+    from .target_logprobs import problem as target_problem
+
+    def line(name: str, problem: str | None) -> str:
+        return f"{name}: on" if problem is None else f"{name}: off ({problem})"
+
+    lines = [
+        line("target-only prompt logprobs", target_problem(vllm_config)),
+        line("prefix-cache reads", cache_reads_problem(vllm_config)
+             if vllm_config.cache_config.enable_prefix_caching else "prefix caching is off"),
+    ]  # fmt: skip
+    if getattr(vllm_config, "lora_config", None) is not None:
+        turns = lora_mixing_unsafe(vllm_config)
+        lines.append("LoRA and base-model requests " + ("take turns" if turns else "share steps"))
+    return lines
+
+
 def lora_mixing_unsafe(vllm_config: Any) -> bool:
     """Whether this engine scores a base-model request wrongly when an adapter's request shares
     its step: vLLM 0.32's CPU LoRA kernels (`vllm/lora/ops/torch_ops/lora_ops.py`) select the
     adapter of each token with `weights[index]`, and the base model's index is -1, which picks
-    the last adapter slot instead of none. GPU kernels skip index -1. Where this holds, the
-    callers keep base-model and adapter requests out of the engine at the same time."""
+    the last adapter slot instead of none. vLLM 0.33's mask it, and GPU kernels skip it. Where
+    this holds, the callers keep base-model and adapter requests out of the engine at the same
+    time. The kernels' code decides (`LORA_RELIES_ON`): those of a version in `LORA_MASKS_BASE`
+    mix safely; 0.32's, or any code not verified, take turns (slower, never wrong)."""
     if getattr(vllm_config, "lora_config", None) is None:
         return False
     from vllm.platforms import current_platform
 
-    return current_platform.is_cpu()
+    if not current_platform.is_cpu():
+        return False
+    return checked(LORA_RELIES_ON.name).version not in LORA_MASKS_BASE

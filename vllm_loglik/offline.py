@@ -26,11 +26,13 @@ from typing import Any
 
 from .engine_requests import (
     EngineRequest,
+    fast_paths,
     lora_scoring_problem,
     prefix_block_size,
     run_sync,
     score_spans,
 )
+from .fingerprints import report
 from .jobs import Job, Scorer, check_top_logprobs
 from .scoring import Score
 
@@ -44,6 +46,7 @@ def scorer_for(llm: Any) -> Scorer:
     if scorer is None:
         max_model_len = llm.llm_engine.model_config.max_model_len
         scorer = _scorers[llm] = Scorer(llm.get_tokenizer(), max_model_len)
+        report("offline", fast_paths(llm.llm_engine.vllm_config))
     return scorer
 
 

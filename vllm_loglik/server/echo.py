@@ -31,8 +31,10 @@ The completion handler then builds the response from that output exactly as with
 plugin: `choices`, `logprobs.tokens`, `token_logprobs`, `top_logprobs`, `text_offset`,
 `prompt_logprobs`, `usage`, the generated token.
 
-What this relies on in vLLM (verified on `VERIFIED_VERSIONS`; elsewhere echo requests are left
-to vLLM, as they are with `VLLM_LOGLIK_ECHO=0`):
+What this relies on in vLLM (`RELIES_ON`; where the installed vLLM's code of any of it differs
+from that of every version it was verified on, `vllm_loglik.fingerprints` says so and echo
+requests are left to vLLM, as they are with `VLLM_LOGLIK_ECHO=0`, each counted on
+`fallbacks_total{reason="echo_path"}`):
 
 - `OpenAIServingCompletion._create_completion` calls `self.engine_client.generate(engine_input,
   sampling_params, request_id, lora_request=..., ...)` once per prompt and builds the response
@@ -67,18 +69,36 @@ from ..engine_output import (
     unreadable_reason,
 )
 from ..engine_requests import last_output
+from ..fingerprints import Reliance, checked
 from ..spans import Span
-from ..target_logprobs import MARK, switched_off, vllm_version
+from ..target_logprobs import MARK, switched_off
 
-logger = logging.getLogger("vllm_loglik.server")
+logger = logging.getLogger("vllm.loglik.server")
 
 #: Set to 0 to leave every echo request to vLLM.
 ENV = "VLLM_LOGLIK_ECHO"
 #: The memory that the known rows may take, in MiB.
 ENV_CACHE_MB = "VLLM_LOGLIK_ECHO_CACHE_MB"
 DEFAULT_CACHE_MB = 256
-#: The vLLM versions whose completion handler and output processor this was verified against.
-VERIFIED_VERSIONS = ("0.32.0",)
+#: The vLLM code that echo acceleration relies on: the completion handler that calls the engine
+#: client and builds the response, and the output processor's code that it runs to make the
+#: `RequestOutput` the handler reads.
+RELIES_ON = Reliance(
+    "echo",
+    (
+        "vllm.entrypoints.openai.completion.serving:OpenAIServingCompletion._create_completion",
+        "vllm.entrypoints.openai.completion.serving:OpenAIServingCompletion.request_output_to_completion_response",
+        "vllm.v1.engine.output_processor:RequestState._new_request_output",
+        "vllm.v1.engine.output_processor:RequestState._new_completion_output",
+        "vllm.v1.engine.logprobs:LogprobsProcessor",
+        "vllm.v1.engine.detokenizer",
+        "vllm.logprobs",
+    ),
+    "echo requests left to vLLM",
+)
+#: The fallback reason of an echo request that only scores, left to vLLM because the
+#: installed vLLM's code differs.
+FALLBACK_REASON = "echo_path"
 #: Known rows are kept in blocks of at most this many positions (the engine's KV block size,
 #: where it is smaller): a finer grain than the engine's blocks lets a prompt reuse more.
 GRANULARITY = 16
@@ -125,14 +145,11 @@ def problem(block_size: int | None, lora_problem: str | None) -> str | None:
     """Why echo requests are left to vLLM on this server, or None where they are accelerated."""
     if switched_off(ENV):
         return f"turned off ({ENV}=0)"
-    version = vllm_version()
-    if version not in VERIFIED_VERSIONS:
-        return f"vLLM {version} is not one this was verified on ({', '.join(VERIFIED_VERSIONS)})"
     if block_size is None:
         return "the engine has prefix caching off"
     if lora_problem is not None:
         return "LoRA on the output layer (see the loglikelihood requests' warning)"
-    return None
+    return checked(RELIES_ON.name).reason()
 
 
 def cache_bytes() -> int:

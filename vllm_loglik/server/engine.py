@@ -11,9 +11,12 @@ from typing import Any
 
 from starlette.datastructures import State
 
+from ..engine_output import FALLBACK_REASON as CACHE_READS_FALLBACK
 from ..engine_requests import (
     EngineRequest,
     ProtocolStats,
+    cache_reads_problem,
+    fast_paths,
     last_output,
     lora_mixing_unsafe,
     lora_scoring_problem,
@@ -21,6 +24,7 @@ from ..engine_requests import (
     run_async,
     score_spans,
 )
+from ..fingerprints import checked
 from ..jobs import Job, Scorer
 from ..scoring import Score
 from ..target_logprobs import FALLBACK_REASON
@@ -30,7 +34,7 @@ from .limits import Limits
 from .lora_turns import Turns
 from .metrics import metrics, model_label
 
-logger = logging.getLogger("vllm_loglik.server")
+logger = logging.getLogger("vllm.loglik.server")
 
 
 class ScoringFault(RuntimeError):
@@ -62,6 +66,11 @@ class ServerScoring:
         )
         self.limits = Limits.from_env()
         self.block_size = prefix_block_size(engine_client.vllm_config)
+        #: Why the engine's prefix cache is not read although it is on (the installed vLLM's
+        #: output layouts are not verified), if so: each scoring request is then counted.
+        self.cache_reads_problem = cache_reads_problem(engine_client.vllm_config)
+        if self.cache_reads_problem is not None:
+            logger.warning("vllm-loglik reads no prefix cache: %s", self.cache_reads_problem)
         #: Why this engine's LoRA configuration cannot score, if it cannot (every scoring
         #: request is then a 501 with this message; see `lora_scoring_problem`).
         self.lora_problem = lora_scoring_problem(engine_client.vllm_config)
@@ -80,7 +89,17 @@ class ServerScoring:
         #: Why echo requests are left to vLLM (`echo.py`), if they are; else the completion
         #: handler's engine client is an `EchoEngineClient` (`install_echo`).
         self.echo_problem = echo.problem(self.block_size, self.lora_problem)
+        #: Echo acceleration is off because the installed vLLM's code differs: each echo
+        #: request it would have answered is then counted as a fallback.
+        self.echo_unverified = self.echo_problem is not None and not checked(echo.RELIES_ON.name).holds
         self.echo: echo.EchoEngineClient | None = None
+
+    def fast_paths(self) -> list[str]:
+        """What the start-up line says of each fast path: on, or off and why."""
+        echo_line = "echo acceleration: " + (
+            "on" if self.echo_problem is None else f"off ({self.echo_problem})"
+        )
+        return [*fast_paths(self.engine.vllm_config), echo_line]
 
     def install_echo(self, state: State) -> None:
         """Give the completion handler the engine client that accelerates echo requests."""
@@ -162,5 +181,7 @@ class ServerScoring:
         finally:
             if self.path_problem is not None and stats.requests:
                 stats.fallbacks[FALLBACK_REASON] += stats.requests
+            if self.cache_reads_problem is not None and stats.requests:
+                stats.fallbacks[CACHE_READS_FALLBACK] += stats.requests
             label = lora_request.lora_name if lora_request is not None else self.base_name
             metrics().engine_work(label, stats, sum(s.num_tokens for s in scores))

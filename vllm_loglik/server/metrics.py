@@ -28,13 +28,16 @@ before that (not JSON, a wrong type) is in vLLM's own `http_requests_total`.
 | `vllm_loglik:fallbacks_total` | `reason` | cached outputs that could not be read, scored again without the cache; scoring requests whose prompt logprobs the engine computes on vLLM's own path (`prompt_logprobs_path`) |
 
 `mode` is `prompt` (`loglikelihood: true`, or no scope), `continuations`, `rolling` or
-`last_message`; `outcome` is `200`, `4xx` or `5xx`; `model` is the request's `model` when the
+`last_message`; `outcome` is `200`, `4xx`, `5xx` or `cancelled` (the client left first); `model` is the request's `model` when the
 server serves that name (the base model or an adapter), else `-` (so a client's invented names
 never become labels). `reason` is one of `vllm_loglik.engine_output.UNREADABLE_REASONS`, or
 `prompt_logprobs_path`: a scoring request that the engine computes with vLLM's own prompt
 logprobs, because the target-only path (`vllm_loglik.target_logprobs`) does not apply to it (the
-server logs why at start-up: turned off, another vLLM version, the V2 model runner, a logit
-`logprobs_mode`). Every reason is exported from the start, at 0. `cached_scored_position` is expected now and then:
+server logs why at start-up: turned off, vLLM code that differs from every verified version's,
+the V2 model runner, a logit `logprobs_mode`); `echo_path`: an echo request that only scores,
+left to vLLM because the installed vLLM's code of what echo acceleration relies on differs;
+`cache_reads`: a scoring request computed without prefix-cache reads because the installed
+vLLM's output layouts are not verified (`vllm_loglik.fingerprints`). Every reason is exported from the start, at 0. `cached_scored_position` is expected now and then:
 the same context and continuation scored again while its KV blocks are still cached, where a
 block boundary falls inside the continuation (the cache then covers a scored position, whose
 logprob the engine does not compute). `layout`, `missing_entry` and `wrong_token` stay at 0 on
@@ -47,9 +50,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..engine_output import FALLBACK_REASON as CACHE_READS_FALLBACK
 from ..engine_output import UNREADABLE_REASONS
 from ..engine_requests import ProtocolStats
 from ..target_logprobs import FALLBACK_REASON
+from .echo import FALLBACK_REASON as ECHO_FALLBACK
+
+#: Every `reason` of `fallbacks_total`, exported at 0 from the start.
+FALLBACK_REASONS = (*UNREADABLE_REASONS, FALLBACK_REASON, ECHO_FALLBACK, CACHE_READS_FALLBACK)
 
 #: Latency buckets (seconds): a scoring request takes from milliseconds (one short prompt) to
 #: minutes (a long rolling document, or many continuations on a busy server).
@@ -110,7 +118,7 @@ class Metrics:
             "vllm_loglik:echo_shared_tokens", "Prompt tokens of accelerated echo requests whose "
             "logprobs were read from a prefix that an earlier echo prompt computed.", ["model"],
         )  # fmt: skip
-        for reason in (*UNREADABLE_REASONS, FALLBACK_REASON):
+        for reason in FALLBACK_REASONS:
             self.fallbacks.labels(reason)  # exported at 0 from the start
 
     def engine_work(self, model: str, stats: ProtocolStats, scored_tokens: int) -> None:
@@ -133,11 +141,21 @@ class Metrics:
             self.fallbacks.labels(fallback).inc()
 
     def answered(
-        self, endpoint: str, mode: str, status: int, model: str, seconds: float
+        self, endpoint: str, mode: str, status: int | str, model: str, seconds: float
     ) -> None:
-        outcome = "200" if status < 400 else "4xx" if status < 500 else "5xx"
+        """Count a scoring request: `status` is its HTTP status, or `"cancelled"` (the client
+        left before the answer)."""
+        outcome = outcome_label(status)
         self.requests.labels(endpoint, mode, outcome, model).inc()
         self.duration.labels(endpoint, mode).observe(seconds)
+
+
+def outcome_label(status: int | str) -> str:
+    """The `outcome` label: `200`, `4xx`, `5xx`, or `cancelled`."""
+    if status == "cancelled":
+        return "cancelled"
+    code = int(status)
+    return "200" if code < 400 else "4xx" if code < 500 else "5xx"
 
 
 _metrics: Metrics | None = None

@@ -20,6 +20,15 @@ acceleration; vLLM's handler still makes the response.
 Each scoring request is counted on vLLM's `/metrics` (`metrics.py`), in every API-server
 process when there are several.
 
+What the route replacement relies on in vLLM (`RELIES_ON`): the original routes' endpoints,
+which it calls, and `with_cancellation`, which cancels a handler whose client left (vLLM 0.32
+then returns None, 0.33 an empty `Response()`; the wrapper learns of a cancellation from the
+handler's own `CancelledError`, so either holds). The replacement routes copy every attribute
+of the originals that FastAPI documents or validates with (`response_model`, `responses`,
+`openapi_extra`, ...), so `/openapi.json` stays vLLM's own but for the field. Where the code of
+any of it differs from every verified version (`vllm_loglik.fingerprints`), the routes are still
+replaced, since they are the field itself, and the server logs what changed.
+
 On the two routes, the plugin also caps the body size (`BodyLimit`, HTTP 413: the caps are in
 `limits.py`) and answers a body that is not JSON at all in the OpenAI error shape (`_Route`);
 with the API's middleware and a route class, both public FastAPI extension points.
@@ -28,6 +37,8 @@ with the API's middleware and a route class, both public FastAPI extension point
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import logging
 import time
 from argparse import Namespace
 from collections.abc import Awaitable, Callable
@@ -41,8 +52,10 @@ from starlette.exceptions import HTTPException  # what FastAPI raises; its own s
 
 from vllm.entrypoints.serve.utils.api_utils import with_cancellation
 
+from ..fingerprints import Reliance, checked, report
 from .chat import score_chat
 from .completions import score_completion
+from .echo import FALLBACK_REASON as ECHO_FALLBACK
 from .echo import PLAN, echo_plan
 from .engine import ScoringFault, ServerScoring
 from .limits import Limits
@@ -54,7 +67,38 @@ from .protocol import (
     internal_error_response,
 )
 
+logger = logging.getLogger("vllm.loglik.server")
+
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
+
+#: The vLLM code that the route replacement relies on (see the module docstring).
+RELIES_ON = Reliance(
+    "routes",
+    (
+        "vllm.entrypoints.serve.utils.api_utils:with_cancellation",
+        "vllm.entrypoints.openai.completion.api_router:create_completion",
+        "vllm.entrypoints.openai.chat_completion.api_router:create_chat_completion",
+    ),
+    "the routes are replaced all the same",
+)
+
+#: The `APIRoute` attributes that the replacement routes take from the originals: what FastAPI
+#: documents in `/openapi.json` and validates or encodes responses with. `dependencies` and
+#: `tags` are copied as lists.
+ROUTE_ATTRIBUTES = (
+    "response_model", "status_code", "summary", "description", "response_description",
+    "responses", "deprecated", "operation_id", "response_model_include",
+    "response_model_exclude", "response_model_by_alias", "response_model_exclude_unset",
+    "response_model_exclude_defaults", "response_model_exclude_none", "include_in_schema",
+    "name", "openapi_extra",
+)  # fmt: skip
+
+#: Set by the scoring handler's task when it is cancelled (the client left): a list that the
+#: route gives each request, so that the task, which runs in a copy of the route's context,
+#: can mark it.
+_CANCELLED: contextvars.ContextVar[list[bool] | None] = contextvars.ContextVar(
+    "vllm_loglik_cancelled", default=None
+)
 
 Handler = Callable[[Any, Request], Awaitable[Any]]
 
@@ -70,7 +114,17 @@ def _wrap(original: APIRoute, request_model: type, handler: Handler, label: str)
     """The route's endpoint: the original one for a request without `loglikelihood`, else
     `handler`, cancelled when the client leaves, and counted in the metrics as `label`."""
     original_endpoint = original.endpoint
-    scored = with_cancellation(handler)
+
+    async def marked(request: Any, raw_request: Request) -> Any:
+        try:
+            return await handler(request, raw_request)
+        except asyncio.CancelledError:
+            flag = _CANCELLED.get()
+            if flag is not None:
+                flag.append(True)
+            raise
+
+    scored = with_cancellation(marked)
 
     async def endpoint(request: Any, raw_request: Request):
         if not request.loglikelihood:
@@ -78,11 +132,13 @@ def _wrap(original: APIRoute, request_model: type, handler: Handler, label: str)
                 return await _echo_or_original(original_endpoint, request, raw_request)
             return await original_endpoint(request, raw_request)
         start = time.perf_counter()
-        outcome: int | str = "cancelled"  # the client left: with_cancellation returns None
+        cancelled: list[bool] = []
+        token = _CANCELLED.set(cancelled)
+        outcome: int | str = HTTPStatus.OK
         try:
             response = await scored(request, raw_request)
-            if response is not None:
-                outcome = getattr(response, "status_code", HTTPStatus.OK)
+            # The client left: vLLM 0.32's with_cancellation returns None, 0.33's Response().
+            outcome = "cancelled" if cancelled else getattr(response, "status_code", HTTPStatus.OK)
             return response
         except ScoringFault as e:
             # A fault in computing the scores. vLLM's fallback handler would answer a
@@ -92,17 +148,15 @@ def _wrap(original: APIRoute, request_model: type, handler: Handler, label: str)
             outcome = HTTPStatus.INTERNAL_SERVER_ERROR
             return internal_error_response(e)
         except asyncio.CancelledError:
+            outcome = "cancelled"  # the server cancelled the route itself (shutting down)
             raise
         except Exception as e:
             # vLLM's handlers answer a ValueError with a 400, anything else with a 500.
             outcome = 400 if isinstance(e, ValueError) else 500
             raise
         finally:
-            models = getattr(raw_request.app.state, "openai_serving_models", None)
-            metrics().answered(
-                label, mode_of(request.loglikelihood), outcome,
-                model_label(request.model, models), time.perf_counter() - start,
-            )  # fmt: skip
+            _CANCELLED.reset(token)
+            _count(raw_request, request, label, outcome, time.perf_counter() - start)
 
     # FastAPI reads the body model from the annotation.
     endpoint.__annotations__ = {"request": request_model, "raw_request": Request}
@@ -111,16 +165,31 @@ def _wrap(original: APIRoute, request_model: type, handler: Handler, label: str)
     return endpoint
 
 
+def _count(raw_request: Request, request: Any, label: str, outcome: int | str, seconds: float) -> None:
+    """Count an answered scoring request; a fault here is logged, never raised over the answer."""
+    try:
+        models = getattr(raw_request.app.state, "openai_serving_models", None)
+        metrics().answered(
+            label, mode_of(request.loglikelihood), outcome, model_label(request.model, models),
+            seconds,
+        )  # fmt: skip
+    except Exception:
+        logger.exception("vllm-loglik: a scoring request could not be counted")
+
+
 async def _echo_or_original(original: Handler, request: Any, raw_request: Request) -> Any:
     """A completions request without the field, answered by vLLM's own endpoint; with echo
     acceleration (`echo.py`) where it only scores and the server accelerates echo requests."""
     scoring: ServerScoring | None = getattr(raw_request.app.state, "vllm_loglik", None)
-    if scoring is None or scoring.echo is None:
+    if scoring is None or (scoring.echo is None and not scoring.echo_unverified):
         return await original(request, raw_request)
     models = getattr(raw_request.app.state, "openai_serving_models", None)
     model = model_label(request.model, models)
     plan = echo_plan(request, model)
     if plan is None:
+        return await original(request, raw_request)
+    if scoring.echo is None:  # the installed vLLM's code differs: vLLM's own answer, counted
+        metrics().fallbacks.labels(ECHO_FALLBACK).inc()
         return await original(request, raw_request)
     token = PLAN.set(plan)
     try:
@@ -237,14 +306,14 @@ class LoglikelihoodPlugin:
             original = _route(app, path)
             if original is None:
                 continue
+            kept = {a: getattr(original, a) for a in ROUTE_ATTRIBUTES if hasattr(original, a)}
             router.add_api_route(
                 path,
                 _wrap(original, model, handler, label),
                 methods=["POST"],
                 dependencies=list(original.dependencies),
-                responses=dict(original.responses),
-                summary=original.summary,
                 tags=list(original.tags or []),
+                **kept,
             )
         app.include_router(router)
 
@@ -254,3 +323,7 @@ class LoglikelihoodPlugin:
         state.vllm_loglik = ServerScoring(engine_client, state) if engine_client else None
         if state.vllm_loglik is not None:
             state.vllm_loglik.install_echo(state)
+            routes = checked(RELIES_ON.name)
+            if not routes.holds:
+                logger.warning("vllm-loglik: %s", routes.describe())
+            report("server", state.vllm_loglik.fast_paths() + [routes.describe()])

@@ -24,7 +24,7 @@ from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from ..protocol import LOGLIKELIHOOD_DESCRIPTION, LoglikelihoodOptions, parse_loglikelihood
 from ..requests import RequestError  # noqa: F401  (re-exported: bad input, a 400)
 
-logger = logging.getLogger("vllm_loglik.server")
+logger = logging.getLogger("vllm.loglik.server")
 
 
 class _WithLoglikelihood(BaseModel):

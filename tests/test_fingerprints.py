@@ -1,0 +1,196 @@
+"""The gates of the fast paths follow vLLM's code, not its version string (`vllm_loglik.fingerprints`).
+
+- Units: how a relied-on function's source is found and compared, on hand-made tables.
+- The installed vLLM (0.32 in `make test`, the next release's Python in `make test-vllm-next`):
+  every reliance holds, and on the test server every fast path was taken (the target-only trace,
+  echo acceleration counted, no fallback for any gate), with the start-up line saying so.
+- A vLLM whose relied-on code differs (`tests/changed_vllm/sitecustomize.py` serves copies of
+  two of its modules with one statement more in a function each): the target-only path and echo
+  acceleration are off, the log names each changed function, every request is counted as a
+  fallback, and the numbers still equal transformers'.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from vllm_loglik import fingerprints
+from vllm_loglik.fingerprints import Reliance, check, checked, source_of
+from vllm_loglik.protocol import entries
+from vllm_loglik.testing import with_pythonpath
+
+from .conftest import TRACE, Server
+from .test_server import MODEL, metric
+
+TOL = 1e-4
+GATES = ("prompt_logprobs_path", "echo_path", "cache_reads")
+GATHER = "vllm.v1.sample.sampler:Sampler.gather_logprobs"
+TO_RESPONSE = (
+    "vllm.entrypoints.openai.completion.serving:"
+    "OpenAIServingCompletion.request_output_to_completion_response"
+)
+
+
+# ---------------------------------------------------------------- units
+
+
+def test_sources_are_found_without_importing_the_module():
+    import sys
+
+    method = source_of(GATHER)
+    assert method.startswith("@staticmethod\ndef gather_logprobs(") or method.startswith(
+        "def gather_logprobs("
+    ), method[:80]
+    assert source_of("vllm.v1.outputs:LogprobsTensors").startswith("class LogprobsTensors")
+    assert "class FlatLogprobs" in source_of("vllm.logprobs")
+    assert source_of("vllm.v1.sample.sampler:Sampler.no_such_method") is None
+    assert source_of("vllm.no_such_module:anything") is None
+    # Read from the file, not imported: the API server judges the engine's code so.
+    name = "vllm.v1.worker.gpu_model_runner"
+    if name not in sys.modules:
+        assert "def _get_prompt_logprobs_dict" in source_of(f"{name}:GPUModelRunner")
+        assert name not in sys.modules
+
+
+def test_a_reliance_holds_on_a_version_whose_fingerprints_all_match():
+    names = (GATHER, "vllm.logprobs")
+    reliance = Reliance("test", names, "something else")
+    now = {n: fingerprints.fingerprint(n) for n in names}
+    table = {"0.1.0": dict(now), "0.2.0": dict(now, **{GATHER: "0" * 64})}
+    verdict = check(reliance, table)
+    assert verdict.holds and verdict.version == "0.1.0" and verdict.reason() is None
+    table["0.10.0"] = dict(now)  # versions compare as numbers: 0.10 is newer than 0.2
+    assert check(reliance, table).version == "0.10.0"
+    # No version has every fingerprint: off, naming what differs from the newest.
+    table = {"0.1.0": dict(now, **{"vllm.logprobs": "1" * 64}), "0.2.0": dict(now, **{GATHER: "0" * 64})}
+    verdict = check(reliance, table)
+    assert not verdict.holds and verdict.changed == (GATHER,)
+    assert GATHER in verdict.reason() and "something else" in verdict.describe()
+    missing = Reliance("test", ("vllm.logprobs:NoSuchThing",), "x")
+    assert check(missing, table).changed == ("vllm.logprobs:NoSuchThing (missing)",)
+
+
+def test_every_verified_version_records_every_relied_on_name():
+    table = fingerprints.verified()
+    assert {"0.32.0", "0.33.0"} <= set(table)
+    names = {n for r in fingerprints.RELIANCES().values() for n in r.relies_on}
+    for version, prints in table.items():
+        assert names <= set(prints), (version, names - set(prints))
+
+
+# ---------------------------------------------------------------- the installed vLLM
+
+
+def test_the_vllm_under_test_is_the_one_asked_for():
+    """`make test-vllm-next` sets VLLM_LOGLIK_EXPECT_VLLM: the tree on PYTHONPATH is imported."""
+    import vllm
+
+    expected = os.environ.get("VLLM_LOGLIK_EXPECT_VLLM")
+    if expected:
+        assert vllm.__version__.split("+")[0] == expected
+
+
+def test_every_reliance_holds_on_the_installed_vllm():
+    for name in fingerprints.RELIANCES():
+        verdict = checked(name)
+        assert verdict.holds, verdict.describe()
+
+
+def fallbacks(server) -> dict[str, float]:
+    return {r: metric(server, "vllm_loglik:fallbacks_total", reason=r) for r in GATES}
+
+
+def test_both_fast_paths_are_taken_on_the_test_server(server, ref):
+    """A scoring request takes the target-only path (its id is in the engine's trace) and an
+    echo request is accelerated, with no fallback counted; the start-up line says which vLLM
+    runs and that each path is on."""
+    import vllm
+
+    client = server.client()
+    seen = set(TRACE.read_text().split()) if TRACE.exists() else set()
+    echoes = metric(server, "vllm_loglik:echo_requests_total", model=MODEL)
+    r = client.completions.create(model=MODEL, prompt="The fast paths.", max_tokens=0,
+                                  extra_body={"loglikelihood": True})  # fmt: skip
+    (entry,) = entries(r.choices[0])
+    ids = [t.token_id for t in entry.content]
+    want, _ = ref.token_logprobs([ref.tokenizer.bos_token_id, *ids])
+    assert [t.logprob for t in entry.content] == pytest.approx(want, abs=TOL)
+    assert set(TRACE.read_text().split()) - seen  # the engine computed it target-only
+    echo = client.completions.create(model=MODEL, prompt="The fast paths, echoed.", max_tokens=1,
+                                     echo=True, logprobs=1, temperature=0)  # fmt: skip
+    assert echo.choices[0].logprobs.token_logprobs[0] is None
+    assert metric(server, "vllm_loglik:echo_requests_total", model=MODEL) == echoes + 1
+    assert fallbacks(server) == dict.fromkeys(GATES, 0.0)
+    log = Path(server.log_path).read_text()
+    version = vllm.__version__.split("+")[0]
+    line = re.search(rf"vllm-loglik \(server\) on vLLM {re.escape(version)}: (.*)", log)
+    assert line, "no start-up line"
+    for path in ("target-only prompt logprobs: on", "echo acceleration: on", "prefix-cache reads: on"):
+        assert path in line.group(1), line.group(1)
+
+
+# ---------------------------------------------------------------- a vLLM whose code differs
+
+
+@pytest.fixture(scope="module")
+def changed_server(model_path, tmp_path_factory):
+    """The demo model on a vLLM whose `Sampler.gather_logprobs` (target-only path) and
+    `request_output_to_completion_response` (echo acceleration) differ."""
+    logs = tmp_path_factory.mktemp("changed-logs")
+    env = {
+        "PYTHONPATH": with_pythonpath(str(Path(__file__).parent / "changed_vllm")),
+        "VLLM_LOGLIK_CHANGED": f"{GATHER},{TO_RESPONSE}",
+        "VLLM_LOGLIK_TARGET_LOGPROBS_TRACE": str(logs / "target-logprobs.txt"),
+    }
+    srv = Server(model_path, logs / "server.log", True, None, env=env)
+    srv.trace = logs / "target-logprobs.txt"
+    yield srv
+    srv.stop()
+
+
+def test_a_changed_function_turns_its_fast_path_off_and_is_counted(changed_server, ref):
+    srv = changed_server
+    log = srv.log_path.read_text()
+    # Named in the log, by the API server and by the engine's worker (which does not patch).
+    assert re.search(rf"target-only prompt logprobs: off \([^)]*{re.escape(GATHER)}", log), log[-3000:]
+    assert re.search(rf"echo acceleration: off \([^)]*{re.escape(TO_RESPONSE)}", log), log[-3000:]
+    assert re.search(rf"own prompt logprobs in this engine \([^)]*{re.escape(GATHER)}", log)
+    client = srv.client()
+    before = fallbacks(srv)
+    text, continuations = "The capital of France is", [" Paris", " Rome"]
+    r = client.completions.create(model=MODEL, prompt=text, max_tokens=0,
+                                  extra_body={"loglikelihood": {"continuations": continuations}})  # fmt: skip
+    bos = ref.tokenizer.bos_token_id
+    for entry in entries(r.choices[0]):
+        ids = [t.token_id for t in entry.content]
+        context = ref.tokenizer(text)["input_ids"]
+        want, _ = ref.token_logprobs(context + ids)
+        assert [t.logprob for t in entry.content] == pytest.approx(want[-len(ids):], abs=TOL)
+    prompt = "Echo on a vLLM that changed."
+    echo = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, echo=True,
+                                     logprobs=1, temperature=0)  # fmt: skip
+    ids = ref.tokenizer(prompt)["input_ids"]
+    assert ids[0] == bos
+    want, _ = ref.token_logprobs(ids)
+    got = echo.choices[0].logprobs.token_logprobs[1 : len(ids)]
+    assert got == pytest.approx(want, abs=TOL)
+    after = fallbacks(srv)
+    assert after["prompt_logprobs_path"] - before["prompt_logprobs_path"] >= 2  # 2 continuations
+    assert after["echo_path"] - before["echo_path"] == 1
+    assert after["cache_reads"] == before["cache_reads"]  # the output layouts are unchanged
+    assert metric(srv, "vllm_loglik:echo_requests_total", model=MODEL) == 0
+    assert not srv.trace.exists() or not srv.trace.read_text().strip()
+
+
+def test_a_stock_vllm_version_string_decides_nothing(monkeypatch):
+    """Only the code decides: a version string never verified, with the code of a verified
+    version, keeps every reliance."""
+    import vllm
+
+    monkeypatch.setattr(vllm, "__version__", "9.9.9")
+    for name, reliance in fingerprints.RELIANCES().items():
+        assert check(reliance).holds, name
