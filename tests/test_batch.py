@@ -213,3 +213,14 @@ def test_sigint_keeps_every_written_line_and_a_rerun_resumes(model_path, server,
     for i in (0, len(kept) - 1, len(kept), len(texts) - 1):  # either side of the interruption
         [want] = vllm_loglik.prompt_loglikelihood(llm, [texts[i]])
         assert abs(records[i]["loglikelihood"][0]["logprob"] - want.logprob) <= 1e-4 * want.num_tokens
+
+
+def test_help_lists_our_flags_and_vllms_engine_flags():
+    """`vllm-loglik score --help` runs on the installed vLLM (0.33 moved `LoRAParserAction`)."""
+    run = subprocess.run([CLI, "score", "--help"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for flag in ("--input", "--server-retry-seconds", "--lora-modules", "--ray", "--max-model-len"):
+        assert flag in run.stdout, flag
+    run = subprocess.run([CLI, "fingerprints"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "target_logprobs: verified" in run.stdout and "echo: verified" in run.stdout

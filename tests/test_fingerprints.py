@@ -95,8 +95,8 @@ def test_the_vllm_under_test_is_the_one_asked_for():
 
 
 def test_every_reliance_holds_on_the_installed_vllm():
-    for name in fingerprints.RELIANCES():
-        verdict = checked(name)
+    for reliance in fingerprints.RELIANCES().values():
+        verdict = checked(reliance)
         assert verdict.holds, verdict.describe()
 
 

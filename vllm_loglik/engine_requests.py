@@ -106,7 +106,7 @@ def cache_reads_problem(vllm_config: Any) -> str | None:
     """Why the package reads no prefix cache on an engine that has prefix caching on, or None."""
     if not vllm_config.cache_config.enable_prefix_caching:
         return None
-    return checked(OUTPUT_LAYOUT.name).reason()
+    return checked(OUTPUT_LAYOUT).reason()
 
 
 #: Module names that put LoRA on the output layer, whose LoRA logits vLLM 0.32 computes with
@@ -322,4 +322,4 @@ def lora_mixing_unsafe(vllm_config: Any) -> bool:
 
     if not current_platform.is_cpu():
         return False
-    return checked(LORA_RELIES_ON.name).version not in LORA_MASKS_BASE
+    return checked(LORA_RELIES_ON).version not in LORA_MASKS_BASE

@@ -162,10 +162,15 @@ def check(reliance: Reliance, table: dict[str, dict[str, str]] | None = None) ->
     return Verdict(reliance, None, changed)
 
 
-@functools.lru_cache(maxsize=None)
-def checked(name: str) -> Verdict:
-    """The verdict of the reliance `name`, computed once per process."""
-    return check(RELIANCES()[name])
+_verdicts: dict[str, Verdict] = {}
+
+
+def checked(reliance: Reliance) -> Verdict:
+    """The verdict of `reliance`, computed once per process."""
+    verdict = _verdicts.get(reliance.name)
+    if verdict is None:
+        verdict = _verdicts[reliance.name] = check(reliance)
+    return verdict
 
 
 def vllm_version() -> str:
@@ -177,7 +182,7 @@ def vllm_version() -> str:
 
 def RELIANCES() -> dict[str, Reliance]:  # noqa: N802  (a constant, made on first use)
     """Every reliance of the package, by name (imported here, so that this module imports no
-    vLLM until asked)."""
+    vLLM until asked, and a process checks only the reliances of the code it runs)."""
     from . import engine_output, engine_requests, target_logprobs
     from .server import echo, plugin
 

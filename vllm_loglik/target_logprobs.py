@@ -95,7 +95,7 @@ def problem(vllm_config: Any) -> str | None:
     mode = str(getattr(vllm_config.model_config, "logprobs_mode", "raw_logprobs"))
     if mode not in SOFTMAX_MODES:
         return f"logprobs_mode {mode} returns logits, which vLLM computes without a softmax"
-    return checked(RELIES_ON.name).reason()
+    return checked(RELIES_ON).reason()
 
 
 def install() -> None:
@@ -109,7 +109,7 @@ def install() -> None:
     _installed = True
     if switched_off(ENV):
         return
-    verdict = checked(RELIES_ON.name)
+    verdict = checked(RELIES_ON)
     if not verdict.holds:
         logger.warning(
             "vllm-loglik on vLLM %s: vLLM's own prompt logprobs in this engine (%s)",

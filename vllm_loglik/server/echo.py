@@ -149,7 +149,7 @@ def problem(block_size: int | None, lora_problem: str | None) -> str | None:
         return "the engine has prefix caching off"
     if lora_problem is not None:
         return "LoRA on the output layer (see the loglikelihood requests' warning)"
-    return checked(RELIES_ON.name).reason()
+    return checked(RELIES_ON).reason()
 
 
 def cache_bytes() -> int:

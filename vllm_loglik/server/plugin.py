@@ -23,7 +23,7 @@ process when there are several.
 What the route replacement relies on in vLLM (`RELIES_ON`): the original routes' endpoints,
 which it calls, and `with_cancellation`, which cancels a handler whose client left (vLLM 0.32
 then returns None, 0.33 an empty `Response()`; the wrapper learns of a cancellation from the
-handler's own `CancelledError`, so either holds). The replacement routes copy every attribute
+handler's task, which marks its answer, so either holds). The replacement routes copy every attribute
 of the originals that FastAPI documents or validates with (`response_model`, `responses`,
 `openapi_extra`, ...), so `/openapi.json` stays vLLM's own but for the field. Where the code of
 any of it differs from every verified version (`vllm_loglik.fingerprints`), the routes are still
@@ -93,11 +93,12 @@ ROUTE_ATTRIBUTES = (
     "name", "openapi_extra",
 )  # fmt: skip
 
-#: Set by the scoring handler's task when it is cancelled (the client left): a list that the
-#: route gives each request, so that the task, which runs in a copy of the route's context,
-#: can mark it.
-_CANCELLED: contextvars.ContextVar[list[bool] | None] = contextvars.ContextVar(
-    "vllm_loglik_cancelled", default=None
+#: Marked by the scoring handler's task when it has its answer: a list that the route gives
+#: each request, which the task (running in a copy of the route's context) appends to. An
+#: unmarked return of `with_cancellation` is a client that left: it cancels the task and
+#: returns at once, without waiting for the task to see its cancellation.
+_ANSWERED: contextvars.ContextVar[list[bool] | None] = contextvars.ContextVar(
+    "vllm_loglik_answered", default=None
 )
 
 Handler = Callable[[Any, Request], Awaitable[Any]]
@@ -116,13 +117,11 @@ def _wrap(original: APIRoute, request_model: type, handler: Handler, label: str)
     original_endpoint = original.endpoint
 
     async def marked(request: Any, raw_request: Request) -> Any:
-        try:
-            return await handler(request, raw_request)
-        except asyncio.CancelledError:
-            flag = _CANCELLED.get()
-            if flag is not None:
-                flag.append(True)
-            raise
+        response = await handler(request, raw_request)
+        answered = _ANSWERED.get()
+        if answered is not None:
+            answered.append(True)
+        return response
 
     scored = with_cancellation(marked)
 
@@ -132,13 +131,15 @@ def _wrap(original: APIRoute, request_model: type, handler: Handler, label: str)
                 return await _echo_or_original(original_endpoint, request, raw_request)
             return await original_endpoint(request, raw_request)
         start = time.perf_counter()
-        cancelled: list[bool] = []
-        token = _CANCELLED.set(cancelled)
-        outcome: int | str = HTTPStatus.OK
+        answered: list[bool] = []
+        token = _ANSWERED.set(answered)
+        outcome: int | str = "cancelled"
         try:
             response = await scored(request, raw_request)
-            # The client left: vLLM 0.32's with_cancellation returns None, 0.33's Response().
-            outcome = "cancelled" if cancelled else getattr(response, "status_code", HTTPStatus.OK)
+            # Unanswered, the client left: vLLM 0.32's with_cancellation then returns None,
+            # 0.33's an empty Response().
+            if answered:
+                outcome = getattr(response, "status_code", HTTPStatus.OK)
             return response
         except ScoringFault as e:
             # A fault in computing the scores. vLLM's fallback handler would answer a
@@ -155,7 +156,7 @@ def _wrap(original: APIRoute, request_model: type, handler: Handler, label: str)
             outcome = 400 if isinstance(e, ValueError) else 500
             raise
         finally:
-            _CANCELLED.reset(token)
+            _ANSWERED.reset(token)
             _count(raw_request, request, label, outcome, time.perf_counter() - start)
 
     # FastAPI reads the body model from the annotation.
@@ -323,7 +324,7 @@ class LoglikelihoodPlugin:
         state.vllm_loglik = ServerScoring(engine_client, state) if engine_client else None
         if state.vllm_loglik is not None:
             state.vllm_loglik.install_echo(state)
-            routes = checked(RELIES_ON.name)
+            routes = checked(RELIES_ON)
             if not routes.holds:
                 logger.warning("vllm-loglik: %s", routes.describe())
             report("server", state.vllm_loglik.fast_paths() + [routes.describe()])
