@@ -194,3 +194,30 @@ def test_a_stock_vllm_version_string_decides_nothing(monkeypatch):
     monkeypatch.setattr(vllm, "__version__", "9.9.9")
     for name, reliance in fingerprints.RELIANCES().items():
         assert check(reliance).holds, name
+
+
+def test_the_offline_api_logs_which_vllm_runs_and_its_fast_paths(llm):
+    import logging
+
+    import vllm
+
+    import vllm_loglik
+    from vllm_loglik import offline
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("vllm.loglik")
+    logger.addHandler(handler)
+    try:
+        fingerprints._reported.discard("offline")  # as in a new process
+        offline._scorers.pop(llm, None)
+        vllm_loglik.prompt_loglikelihood(llm, ["A start-up line."])
+    finally:
+        logger.removeHandler(handler)
+    lines = [r.getMessage() for r in records if "(offline)" in r.getMessage()]
+    assert len(lines) == 1, lines
+    version = vllm.__version__.split("+")[0]
+    assert f"on vLLM {version}:" in lines[0]
+    assert "target-only prompt logprobs: on" in lines[0] and "prefix-cache reads: on" in lines[0]
+    assert "LoRA and base-model requests" in lines[0]  # the test engine has LoRA on

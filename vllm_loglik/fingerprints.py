@@ -1,6 +1,6 @@
 """What vllm-loglik relies on in vLLM's code, and whether the installed vLLM still has it.
 
-Five places of this package reach past vLLM's public extension points, each for a reason of its
+Six places of this package reach past vLLM's public extension points, each for a reason of its
 own (its module says which):
 
 | reliance | module | what it does when the installed vLLM's code differs |
@@ -10,6 +10,7 @@ own (its module says which):
 | `output_layout` | `vllm_loglik.engine_output` | no prefix-cache reads: every span is computed whole, where both runners' layouts are the same, each scoring request counted on `fallbacks_total{reason="cache_reads"}` |
 | `lora_kernels` | `vllm_loglik.engine_requests` | base-model and adapter requests take turns on the CPU (the safe choice) |
 | `routes` | `vllm_loglik.server.plugin` | the routes are still replaced (they are the field itself), with a warning |
+| `engine_death` | `vllm_loglik.server.engine_death` | the API server exits as vLLM's own, with status 0 after its engine died |
 
 Each declares a `Reliance`: the vLLM functions, methods, classes and modules that it relies on,
 named `module:qualname` (`module` alone for a whole module). `check` computes a fingerprint of
@@ -184,11 +185,11 @@ def RELIANCES() -> dict[str, Reliance]:  # noqa: N802  (a constant, made on firs
     """Every reliance of the package, by name (imported here, so that this module imports no
     vLLM until asked, and a process checks only the reliances of the code it runs)."""
     from . import engine_output, engine_requests, target_logprobs
-    from .server import echo, plugin
+    from .server import echo, engine_death, plugin
 
     found = (
         target_logprobs.RELIES_ON, echo.RELIES_ON, engine_output.RELIES_ON,
-        engine_requests.LORA_RELIES_ON, plugin.RELIES_ON,
+        engine_requests.LORA_RELIES_ON, plugin.RELIES_ON, engine_death.RELIES_ON,
     )  # fmt: skip
     return {r.name: r for r in found}
 

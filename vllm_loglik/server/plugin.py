@@ -18,7 +18,8 @@ handed to the original endpoint too, marked, so that the completion handler's en
 acceleration; vLLM's handler still makes the response.
 
 Each scoring request is counted on vLLM's `/metrics` (`metrics.py`), in every API-server
-process when there are several.
+process when there are several. When the engine process dies, the server logs it and exits
+with a non-zero status (`engine_death.py`), where vLLM's own exits with 0.
 
 What the route replacement relies on in vLLM (`RELIES_ON`): the original routes' endpoints,
 which it calls, and `with_cancellation`, which cancels a handler whose client left (vLLM 0.32
@@ -53,6 +54,7 @@ from starlette.exceptions import HTTPException  # what FastAPI raises; its own s
 from vllm.entrypoints.serve.utils.api_utils import with_cancellation
 
 from ..fingerprints import Reliance, checked, report
+from . import engine_death
 from .chat import score_chat
 from .completions import score_completion
 from .echo import FALLBACK_REASON as ECHO_FALLBACK
@@ -317,6 +319,7 @@ class LoglikelihoodPlugin:
                 **kept,
             )
         app.include_router(router)
+        engine_death.watch_lifespan(app)
 
     async def init_state(self, engine_client: Any, state: State, args: Namespace) -> None:
         # No engine (the CPU-only render server): the routes then behave as the originals,
@@ -327,4 +330,6 @@ class LoglikelihoodPlugin:
             routes = checked(RELIES_ON)
             if not routes.holds:
                 logger.warning("vllm-loglik: %s", routes.describe())
-            report("server", state.vllm_loglik.fast_paths() + [routes.describe()])
+            death = engine_death.watch(engine_client)
+            report("server", [*state.vllm_loglik.fast_paths(), routes.describe(),
+                              "exit status 1 after the engine dies: " + ("on" if death else "off")])  # fmt: skip
