@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test soak bench setup clean test-vllm-next
+.PHONY: demo test soak bench setup clean test-vllm-next soak-vllm-next
 
 setup: $(STAMP)
 
@@ -47,6 +47,12 @@ test-vllm-next: $(STAMP)
 	$(PY) tests/vllm_next/build_tree.py $(VLLM_NEXT) $(NEXT_DIR)
 	PYTHONPATH=$(abspath $(NEXT_DIR))/tree VLLM_LOGLIK_EXPECT_VLLM=$(VLLM_NEXT) \
 		$(PY) -m pytest -q $(NEXT_TESTS) -k "$(NEXT_SKIP)"
+
+# The faults of tests/test_faults.py (make soak's) against the next vLLM's Python.
+soak-vllm-next: $(STAMP)
+	$(PY) tests/vllm_next/build_tree.py $(VLLM_NEXT) $(NEXT_DIR)
+	PYTHONPATH=$(abspath $(NEXT_DIR))/tree VLLM_LOGLIK_EXPECT_VLLM=$(VLLM_NEXT) VLLM_LOGLIK_SOAK=1 \
+		$(PY) -m pytest -q -s tests/test_faults.py
 
 bench: $(STAMP)
 	$(PY) bench/run.py
