@@ -146,7 +146,7 @@ def problem(block_size: int | None, lora_problem: str | None) -> str | None:
     if switched_off(ENV):
         return f"turned off ({ENV}=0)"
     if block_size is None:
-        return "the engine has prefix caching off"
+        return "no prefix-cache reads (prefix caching is off, or see prefix-cache reads)"
     if lora_problem is not None:
         return "LoRA on the output layer (see the loglikelihood requests' warning)"
     return checked(RELIES_ON).reason()

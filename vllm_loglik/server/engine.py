@@ -91,7 +91,8 @@ class ServerScoring:
         self.echo_problem = echo.problem(self.block_size, self.lora_problem)
         #: Echo acceleration is off because the installed vLLM's code differs: each echo
         #: request it would have answered is then counted as a fallback.
-        self.echo_unverified = self.echo_problem is not None and not checked(echo.RELIES_ON).holds
+        verdict = checked(echo.RELIES_ON)
+        self.echo_unverified = not verdict.holds and self.echo_problem == verdict.reason()
         self.echo: echo.EchoEngineClient | None = None
 
     def fast_paths(self) -> list[str]:
