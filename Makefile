@@ -41,8 +41,9 @@ NEXT_TESTS := tests/test_fingerprints.py tests/test_offline.py tests/test_target
 	tests/test_server.py tests/test_echo.py tests/test_v2_layout.py tests/test_lora.py \
 	tests/test_batch.py tests/test_lm_eval_offline.py tests/test_operations.py
 # Left out there for time (each covered by make test on 0.32, and its path by another test here):
-# lm-eval's data-parallel chat run (Ray) and the batch CLI's Ctrl-C in a terminal.
-NEXT_SKIP := not two_data_parallel_replicas and not sigint_keeps_every_written_line
+# lm-eval's data-parallel chat run (Ray), the batch CLI's Ctrl-C in a terminal, and the front end
+# of two API-server processes.
+NEXT_SKIP := not two_data_parallel_replicas and not sigint_keeps_every_written_line and not two_api_server_processes
 test-vllm-next: $(STAMP)
 	$(PY) tests/vllm_next/build_tree.py $(VLLM_NEXT) $(NEXT_DIR)
 	PYTHONPATH=$(abspath $(NEXT_DIR))/tree VLLM_LOGLIK_EXPECT_VLLM=$(VLLM_NEXT) \

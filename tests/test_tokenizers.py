@@ -223,7 +223,9 @@ def test_token_id_continuations_equal_native_prompt_logprobs(family):
         assert score.token_ids == r
         rows = out.prompt_logprobs[len(prompt) :]
         assert [t.logprob for t in score.tokens] == pytest.approx(
-            [row[t].logprob for row, t in zip(rows, r, strict=True)], abs=1e-6
+            # The same engine, the same logits; float32 sums over other shapes (a cached
+            # context's tail, another batch) differ in the last bits: 1.9e-6 on -15.4 seen here.
+            [row[t].logprob for row, t in zip(rows, r, strict=True)], abs=1e-5
         )
         check(family, prompt + r, len(prompt), score)
     with pytest.raises(ValueError, match=r"requests\[1\]: continuation\[1\] is token id"):
