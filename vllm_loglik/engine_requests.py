@@ -288,18 +288,20 @@ async def run_async(protocol: Protocol, run: Any) -> list[ScoredRows]:
         return stop.value
 
 
+def path_line(name: str, problem: str | None) -> str:
+    """A fast path in the start-up line: `NAME: on`, or `NAME: off (why)`."""
+    return f"{name}: on" if problem is None else f"{name}: off ({problem})"
+
+
 def fast_paths(vllm_config: Any) -> list[str]:
     """What the start-up line (`vllm_loglik.fingerprints.report`) says of this engine: whether
     the target-only path and prefix-cache reads are on, and why either is off; whether LoRA
     requests take turns."""
     from .target_logprobs import problem as target_problem
 
-    def line(name: str, problem: str | None) -> str:
-        return f"{name}: on" if problem is None else f"{name}: off ({problem})"
-
     lines = [
-        line("target-only prompt logprobs", target_problem(vllm_config)),
-        line("prefix-cache reads", cache_reads_problem(vllm_config)
+        path_line("target-only prompt logprobs", target_problem(vllm_config)),
+        path_line("prefix-cache reads", cache_reads_problem(vllm_config)
              if vllm_config.cache_config.enable_prefix_caching else "prefix caching is off"),
     ]  # fmt: skip
     if getattr(vllm_config, "lora_config", None) is not None:

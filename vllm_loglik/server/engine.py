@@ -19,6 +19,7 @@ from ..engine_requests import (
     fast_paths,
     last_output,
     lora_mixing_unsafe,
+    path_line,
     lora_scoring_problem,
     prefix_block_size,
     run_async,
@@ -97,10 +98,10 @@ class ServerScoring:
 
     def fast_paths(self) -> list[str]:
         """What the start-up line says of each fast path: on, or off and why."""
-        echo_line = "echo acceleration: " + (
-            "on" if self.echo_problem is None else f"off ({self.echo_problem})"
-        )
-        return [*fast_paths(self.engine.vllm_config), echo_line]
+        return [
+            *fast_paths(self.engine.vllm_config),
+            path_line("echo acceleration", self.echo_problem),
+        ]
 
     def install_echo(self, state: State) -> None:
         """Give the completion handler the engine client that accelerates echo requests."""
