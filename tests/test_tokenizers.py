@@ -10,6 +10,7 @@ tokenizer gives the whole text (mistral-common's own encodings for Tekken), 1e-4
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -389,3 +390,212 @@ def test_lm_eval_in_process_and_through_the_server(family, tmp_path, vllm_dist_e
         pairs = [(a["arg_0"], a["arg_1"]) for a in sample["arguments"].values()]
         want = [s.logprob for s in vllm_loglik.loglikelihood(family.llm, pairs)]
         assert loglikelihoods(sample) == pytest.approx(want, abs=TOL * 8)
+
+
+# Word scores (tests/words_reference.py): every mode, offline and on the server, on each family.
+
+#: Leading and trailing whitespace, double spaces, a tab, a newline, digits, emoji, CJK (one run,
+#: no spaces), quotes and punctuation attached to their words.
+WORDS_TEXT = '  "Why?" she asked.  The  answer:\t42 apples,\nthen 🙂 and 東京の空. Ωμέγα end.  '
+#: Words separated by single spaces (for the invariants).
+PLAIN_TEXT = "The capital of France is Paris and the river is wide"
+WORD_PAIRS = PAIRS + [("She said", " unbelievable things,  twice.\n")]
+_B: dict[str, set[int]] = {}
+
+
+def boundary(family: Family) -> set[int]:
+    from .words_reference import boundary_ids
+
+    if family.name not in _B:
+        _B[family.name] = boundary_ids(family, family.ref.model.config.vocab_size)
+    return _B[family.name]
+
+
+def ref_rows(family: Family, ids: list[int], start: int):
+    from .words_reference import rows
+
+    return rows(family, ids, start, boundary(family))
+
+
+def expected_words(family: Family, score, r, corrected: bool = True, offsets=None):
+    from .words_reference import piece_reader, words
+
+    return words(score.text, score.token_ids, [bytes(t.bytes) for t in score.tokens], r,
+                 boundary(family), piece_reader(family), corrected, offsets)  # fmt: skip
+
+
+def check_words(got, expected) -> None:
+    """Each word's text, offset, tokens and numbers against the reference, within 1e-4."""
+    assert [(w.text, w.offset, w.num_tokens) for w in got] == [
+        (w.text, w.offset, w.num_tokens) for w in expected
+    ]
+    assert [w.logprob for w in got] == pytest.approx([w.logprob for w in expected], abs=TOL)
+    assert [w.tokens_logprob for w in got] == pytest.approx(
+        [w.tokens_logprob for w in expected], abs=TOL
+    )
+    assert all(w.logprob <= 1e-6 for w in got)  # a word's probability is at most 1
+
+
+def rolling_rows(family: Family, text: str):
+    from vllm_loglik.spans import get_rolling_token_windows, make_disjoint_window
+
+    from .words_reference import join
+
+    tokens = family.encode(text, special=False)
+    windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+        tokens, family.encode("")[0], MAX_MODEL_LEN - 2, 1)]  # fmt: skip
+    assert len(windows) > 1
+    return join([ref_rows(family, ctx + pred, len(ctx)) for ctx, pred in windows])
+
+
+def test_words_offline_every_mode(family):
+    llm = family.llm
+    # The prompt (text and token ids), corrected and as plain sums.
+    ids = family.encode(WORDS_TEXT)
+    r = ref_rows(family, ids, 1)
+    for prompt in (WORDS_TEXT, ids):
+        for kind in ("corrected", "tokens"):
+            [score] = vllm_loglik.prompt_loglikelihood(
+                llm, [prompt], words=True, word_probability=kind
+            )
+            check_words(score.words, expected_words(family, score, r, kind == "corrected"))
+            assert score.words_left_out == 0
+    assert [w.text for w in score.words] == WORDS_TEXT.split()
+    # Token ids without BOS: the first word's first token has no logprob, so it is left out.
+    plain = family.encode("Hello world, again.", special=False)
+    [score] = vllm_loglik.prompt_loglikelihood(llm, [plain], words=True)
+    expected = expected_words(family, score, ref_rows(family, plain, 1))
+    if not score.text[:1].isspace():  # the rest of the first word, after its first token
+        expected = expected[1:]
+    check_words(score.words, expected)
+    assert score.words_left_out == 1 and score.words[-1].text == "again."
+    # Continuations, given their contexts.
+    for (context, continuation), score in zip(
+        WORD_PAIRS, vllm_loglik.loglikelihood(llm, WORD_PAIRS, words=True), strict=True
+    ):
+        ctx, _ = expected_pair(family, context, continuation)
+        r = ref_rows(family, ctx + score.token_ids, len(ctx))
+        check_words(score.words, expected_words(family, score, r))
+        assert [w.text for w in score.words] == continuation.split(), (context, continuation)
+    # A rolling document, in windows: P_B after a window's last token is its own row's.
+    [score] = vllm_loglik.loglikelihood_rolling(llm, [ROLLING], words=True)
+    check_words(score.words, expected_words(family, score, rolling_rows(family, ROLLING)))
+    assert len(score.words) == len(ROLLING.split())
+    # The last chat message, and candidates.
+    [score] = vllm_loglik.chat_loglikelihood(llm, [CHAT], words=True)
+    ids, start = family.chat(CHAT)
+    check_words(score.words, expected_words(family, score, ref_rows(family, ids, start)))
+    assert [w.text for w in score.words] == CHAT[-1]["content"].split()
+    [options] = vllm_loglik.chat_loglikelihood(llm, [CHAT[:1]], candidates=[CANDIDATES], words=True)
+    for text, score in zip(CANDIDATES, options, strict=True):
+        ids, start = family.chat(CHAT[:1] + [{"role": "assistant", "content": text}])
+        check_words(score.words, expected_words(family, score, ref_rows(family, ids, start)))
+    # Token-id continuations: their text's words.
+    prompt = family.encode("The capital of France is")
+    cont = family.encode(" Paris, Ωμέγα 🙂.", special=False)
+    [score] = vllm_loglik.loglikelihood_tokens(llm, [(prompt, cont)], words=True)
+    check_words(score.words, expected_words(family, score, ref_rows(family, prompt + cont, len(prompt))))
+
+
+def test_words_own_offsets_and_invariants(family):
+    llm = family.llm
+    # The user's own words: offsets into the text (here: each word and what follows it, up to
+    # the next word; a token may run on into whitespace).
+    spans = [(m.start(), m.end()) for m in __import__("re").finditer(r"\S+", PLAIN_TEXT)]
+    [score] = vllm_loglik.loglikelihood(llm, [("Q:", " " + PLAIN_TEXT)], words=[[(s + 1, e + 1) for s, e in spans]])
+    ctx, _ = expected_pair(family, "Q:", " " + PLAIN_TEXT)
+    r = ref_rows(family, ctx + score.token_ids, len(ctx))
+    check_words(score.words, expected_words(family, score, r, offsets=[(s + 1, e + 1) for s, e in spans]))
+    # With `tokens`, the words sum to the tokens' sum when no whitespace token sits between them.
+    [plain] = vllm_loglik.prompt_loglikelihood(llm, [PLAIN_TEXT], words=True, word_probability="tokens")
+    if all(t.token.strip() for t in plain.tokens):
+        assert sum(w.logprob for w in plain.words) == pytest.approx(plain.logprob, abs=TOL)
+        assert sum(w.num_tokens for w in plain.words) == plain.num_tokens
+    # Corrected, on single spaces, the sum telescopes: the tokens' sum, plus the last word's
+    # log P_B(after), less the first word's log P_before.
+    [fixed] = vllm_loglik.prompt_loglikelihood(llm, [PLAIN_TEXT], words=True)
+    ids = family.encode(PLAIN_TEXT)
+    r = ref_rows(family, ids, 1)
+    first = r.before[0] if ids[1] in boundary(family) else math.log(-math.expm1(r.before[0]))
+    assert sum(w.logprob for w in fixed.words) == pytest.approx(
+        sum(w.tokens_logprob for w in fixed.words) + r.after[-1] - first, abs=TOL * len(ids)
+    )
+    # Offsets that split a token (a token with two characters or more that are not spaces).
+    at, token = 0, None
+    for t in plain.tokens:
+        if len(t.token.strip()) >= 2 and "\ufffd" not in t.token:
+            token = t
+            break
+        at += len(t.token)
+    assert token is not None
+    lead = len(token.token) - len(token.token.lstrip())
+    split = (at + lead, at + lead + 1)
+    with pytest.raises(ValueError, match=r"prompts\[0\]: words\[0\]\[0\] .* splits the token"):
+        vllm_loglik.prompt_loglikelihood(llm, [PLAIN_TEXT], words=[[split]])
+    with pytest.raises(ValueError, match=r"words\[0\]\[1\] is \[0, 3\]: it starts before the end"):
+        vllm_loglik.prompt_loglikelihood(llm, [PLAIN_TEXT], words=[[(0, 3), (0, 3)]])
+
+
+def test_words_on_the_server(family):
+    client = family.server.client()
+    # The prompt, full and compact: the offline API's numbers (checked against transformers).
+    [offline] = vllm_loglik.prompt_loglikelihood(family.llm, [WORDS_TEXT], words=True)
+    for content in (True, False):
+        r = client.completions.create(
+            model="tiny", prompt=WORDS_TEXT, max_tokens=0,
+            extra_body={"loglikelihood": {"words": True, "content": content}},
+        )  # fmt: skip
+        [entry] = _entries(r)
+        check_words(entry.words, offline.words)
+        assert entry.words_left_out == 0 and (entry.content is None) != content
+    # Continuations with their own offsets each, as plain sums; and a rolling document.
+    conts = [" Paris is nice", " 42 apples"]
+    r = client.completions.create(
+        model="tiny", prompt="The capital of France is", max_tokens=0,
+        extra_body={"loglikelihood": {"continuations": conts, "words": [[[1, 6]], [[1, 3], [4, 10]]],
+                                      "word_probability": "tokens"}},
+    )  # fmt: skip
+    got = _entries(r)
+    offline = vllm_loglik.loglikelihood(
+        family.llm, [("The capital of France is", c) for c in conts],
+        words=[[(1, 6)], [(1, 3), (4, 10)]], word_probability="tokens",
+    )  # fmt: skip
+    for entry, score in zip(got, offline, strict=True):
+        check_words(entry.words, score.words)
+    assert [w.text for w in got[1].words] == ["42", "apples"]
+    r = client.completions.create(model="tiny", prompt=ROLLING, max_tokens=0, extra_body={
+        "loglikelihood": {"scope": "rolling", "words": True, "content": False}})  # fmt: skip
+    [score] = vllm_loglik.loglikelihood_rolling(family.llm, [ROLLING], words=True)
+    check_words(_entries(r)[0].words, score.words)
+    # Chat: candidates, and the last message.
+    r = client.chat.completions.create(
+        model="tiny", messages=CHAT[:1], max_tokens=0,
+        extra_body={"loglikelihood": {"continuations": CANDIDATES, "words": True}},
+    )  # fmt: skip
+    [offline] = vllm_loglik.chat_loglikelihood(family.llm, [CHAT[:1]], candidates=[CANDIDATES], words=True)
+    for entry, score in zip(_entries(r), offline, strict=True):
+        check_words(entry.words, score.words)
+    r = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=0, extra_body={
+        "loglikelihood": {"scope": "last_message", "words": True}})  # fmt: skip
+    [score] = vllm_loglik.chat_loglikelihood(family.llm, [CHAT], words=True)
+    check_words(_entries(r)[0].words, score.words)
+    # Bad words: a 400 that names the field, and the server goes on.
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    for words, param, message in [
+        ([[0, 3], [2, 5]], "loglikelihood.words[1]", "starts before the end"),
+        ([[0, 300]], "loglikelihood.words[0]", "the text has"),
+        ([[[0, 3]]], "loglikelihood.words", "one per continuation"),
+        ([[3, 1]], "loglikelihood.words[0]", "need 0 <= start < end"),
+        ("yes", "loglikelihood", "loglikelihood.words"),
+    ]:
+        bad = httpx.post(family.server.url + "/v1/completions", headers=headers, json={
+            "model": "tiny", "prompt": "Q:", "max_tokens": 0,
+            "loglikelihood": {"continuations": [" Paris is", " Rome"], "words": words}})  # fmt: skip
+        assert bad.status_code == 400, bad.text
+        error = bad.json()["error"]
+        assert error["param"] == param and message in error["message"], error
+    bad = httpx.post(family.server.url + "/v1/completions", headers=headers, json={
+        "model": "tiny", "prompt": "Q:", "max_tokens": 0,
+        "loglikelihood": {"words": True, "word_probability": "sum"}})  # fmt: skip
+    assert bad.status_code == 400 and "word_probability" in bad.json()["error"]["message"]
+    assert family.server.alive()

@@ -33,18 +33,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from .engine_requests import lora_mixing_unsafe, score_spans
+from .engine_requests import corrected_words_problem, lora_mixing_unsafe, score_spans
 from .adapters import Adapters
 from .engine_stream import DEFAULT_BUDGET_TOKENS, EngineStream
 from .jobs import Job, Scorer
 from .protocol import DEFAULT_MAX_CONTINUATIONS, parse_loglikelihood
 from .requests import (
     RequestError,
-    chat_jobs,
-    check_continuations,
-    completion_jobs,
     completion_prompts,
     max_continuations_from_env,
+    translate_chat,
+    translate_completion,
 )
 from .scoring import Score
 
@@ -83,6 +82,7 @@ class Work:
     model: Any = None  # the line's `model`: None or the base model's name, or an adapter's
     jobs: list[Job] = field(default_factory=list)
     top_logprobs: int = 0
+    words: bool = False  # the engine computes word-boundary masses (corrected words)
     error: dict[str, Any] | None = None
 
     @property
@@ -104,7 +104,9 @@ def parse_line(
         body = text if isinstance(text, dict) else load_body(text)
         work.id = body.get("id")
         work.model = body.get("model")
-        work.jobs, work.top_logprobs = body_jobs(scorer, body, details, max_continuations)
+        work.jobs, work.top_logprobs, work.words = body_jobs(
+            scorer, body, details, max_continuations
+        )
     except RequestError as e:
         work.error = {"message": str(e)}
         if e.param:
@@ -125,8 +127,9 @@ def load_body(text: str) -> dict[str, Any]:
 
 def body_jobs(
     scorer: Scorer, body: dict[str, Any], details: bool, max_continuations: int
-) -> tuple[list[Job], int]:
-    """The jobs of a request body, and the alternatives per token to compute."""
+) -> tuple[list[Job], int, bool]:
+    """The jobs of a request body (the server's one translation, `vllm_loglik.requests`), the
+    alternatives per token to compute, and whether the engine computes word-boundary masses."""
     try:
         options = parse_loglikelihood(body.get("loglikelihood", True))
     except ValueError as e:
@@ -135,24 +138,21 @@ def body_jobs(
         raise RequestError("loglikelihood", "loglikelihood is false: the line asks for no score")
     if options is True or options is None:
         options = parse_loglikelihood({})
-    check_continuations(options, max_continuations)
-    k = (options.top_logprobs or 0) if details else 0
     if "messages" in body:
-        jobs = chat_jobs(
-            scorer,
-            body["messages"],
-            options,
+        work = translate_chat(
+            scorer, options, body["messages"], None, max_continuations,
             chat_template_kwargs=body.get("chat_template_kwargs"),
             add_generation_prompt=body.get("add_generation_prompt", True),
             continue_final_message=body.get("continue_final_message", False),
-        )
-        return jobs, k
-    if "prompt" not in body:
-        raise RequestError("prompt", "a line needs `prompt` (completions) or `messages` (chat)")
-    prompts = completion_prompts(body["prompt"])
-    if len(prompts) != 1:
-        raise RequestError("prompt", "one prompt per line: put each prompt of a batch on a line")
-    return completion_jobs(scorer, prompts[0], 0, 1, options), k
+        )  # fmt: skip
+    else:
+        if "prompt" not in body:
+            raise RequestError("prompt", "a line needs `prompt` (completions) or `messages` (chat)")
+        prompts = completion_prompts(body["prompt"])
+        if len(prompts) != 1:
+            raise RequestError("prompt", "one prompt per line: put each prompt of a batch on a line")
+        work = translate_completion(scorer, options, prompts[0], None, max_continuations)
+    return work.jobs, work.top_logprobs if details else 0, work.corrected_words
 
 
 def compact(entry: dict[str, Any]) -> dict[str, Any]:
@@ -299,6 +299,9 @@ def run_engine(
     stream = EngineStream(llm)
     works: dict[int, Work] = {}
     max_continuations = max_continuations_from_env()
+    words_problem = corrected_words_problem(
+        llm.llm_engine.vllm_config, "loglikelihood.word_probability"
+    )
 
     # Where the engine's LoRA kernels mix base-model and adapter requests up (vLLM's CPU
     # build: `lora_mixing_unsafe`), lines of the other kind wait until those in flight are done.
@@ -321,6 +324,10 @@ def run_engine(
                         more = False
                         break
                     work = parse_line(scorer, text, n, details, max_continuations)
+                    if work.words and words_problem is not None and work.error is None:
+                        work.error = {
+                            "message": words_problem, "param": "loglikelihood.word_probability"
+                        }
                     lora_request = None
                     try:
                         lora_request = adapters.resolve(work.model)
@@ -335,7 +342,9 @@ def run_engine(
                 kind = lora_request is not None
                 n = work.line
                 spans = [span for job in work.jobs for span in job.spans]
-                protocol = score_spans(spans, work.top_logprobs, stream.block_size, f"line{n}")
+                protocol = score_spans(
+                    spans, work.top_logprobs, stream.block_size, f"line{n}", words=work.words
+                )
                 works[n] = work
                 try:
                     rows = stream.submit(n, protocol, work.tokens, lora_request)

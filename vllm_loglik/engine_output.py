@@ -64,6 +64,8 @@ RELIES_ON = Reliance(
     ),
     "no prefix-cache reads (every span computed whole)",
 )
+#: The token id of the two word-boundary columns (`vllm_loglik.target_logprobs.WORDS_ID`).
+WORDS_ID = -1
 #: The fallback reason of a scoring request computed without prefix-cache reads because the
 #: installed vLLM's code differs.
 FALLBACK_REASON = "cache_reads"
@@ -82,6 +84,10 @@ class ScoredRows:
     logprobs: list[float]
     ranks: list[int]
     top: list[list[tuple[int, float]]] | None = None
+    #: With word-boundary masses (`words=True`): per position, log P_B of the distribution that
+    #: predicts its token (`starts`) and of the next one, after its token (`ends`).
+    starts: list[float] | None = None
+    ends: list[float] | None = None
 
     def __len__(self) -> int:
         return len(self.logprobs)
@@ -116,7 +122,9 @@ def _from_dicts(
     return ScoredRows(logprobs, ranks, top)
 
 
-def _from_flat(flat: Any, ids: Sequence[int], start: int, offset: int, k: int) -> ScoredRows | None:
+def _from_flat(
+    flat: Any, ids: Sequence[int], start: int, offset: int, k: int, words: bool = False
+) -> ScoredRows | None:
     starts = flat.start_indices[start - offset : len(ids) - offset]
     ends = flat.end_indices[start - offset : len(ids) - offset]
     token_ids, all_logprobs, all_ranks = flat.token_ids, flat.logprobs, flat.ranks
@@ -132,7 +140,17 @@ def _from_flat(flat: Any, ids: Sequence[int], start: int, offset: int, k: int) -
             list(zip(token_ids[s + 1 : min(e, s + 1 + k)], all_logprobs[s + 1 : min(e, s + 1 + k)]))
             for s, e in zip(starts, ends)
         ]
-    return ScoredRows(logprobs, ranks, top)
+    rows = ScoredRows(logprobs, ranks, top)
+    if words:
+        if any(e - s != k + 3 or token_ids[e - 2] != WORDS_ID or token_ids[e - 1] != WORDS_ID
+               for s, e in zip(starts, ends)):  # fmt: skip
+            raise EngineOutputError(
+                "the engine returned no word-boundary masses: its prompt logprobs came from "
+                "vLLM's own path, not vllm-loglik's target-only one"
+            )
+        rows.starts = [all_logprobs[e - 2] for e in ends]
+        rows.ends = [all_logprobs[e - 1] for e in ends]
+    return rows
 
 
 def span_logprobs(
@@ -140,6 +158,7 @@ def span_logprobs(
     num_cached_tokens: int | None,
     span: Span,
     top_logprobs: int = 0,
+    words: bool = False,
 ) -> ScoredRows | None:
     """The scored positions of `span` (`span.start .. n-1`) as `ScoredRows`, or None.
 
@@ -155,7 +174,9 @@ def span_logprobs(
     if offset is None:
         return None
     if hasattr(prompt_logprobs, "start_indices"):  # vLLM's FlatLogprobs
-        return _from_flat(prompt_logprobs, ids, span.start, offset, top_logprobs)
+        return _from_flat(prompt_logprobs, ids, span.start, offset, top_logprobs, words)
+    if words:
+        raise EngineOutputError("word-boundary masses are read from vLLM's flat container only")
     return _from_dicts(prompt_logprobs, ids, span.start, offset, top_logprobs)
 
 
@@ -205,9 +226,10 @@ def require_span_logprobs(
     span: Span,
     request_id: str,
     top_logprobs: int = 0,
+    words: bool = False,
 ) -> ScoredRows:
     """`span_logprobs`, for an output that must be readable (one computed without the cache)."""
-    rows = span_logprobs(prompt_logprobs, num_cached_tokens, span, top_logprobs)
+    rows = span_logprobs(prompt_logprobs, num_cached_tokens, span, top_logprobs, words)
     if rows is None:
         got = "no" if prompt_logprobs is None else len(prompt_logprobs)
         raise EngineOutputError(

@@ -47,7 +47,7 @@ from .engine_output import (
 )
 from .fingerprints import Reliance, checked
 from .spans import Span
-from .target_logprobs import MARK
+from .target_logprobs import MARK, WORDS
 
 #: The CPU LoRA kernels, which decide whether base-model and adapter requests may share an
 #: engine step (`lora_mixing_unsafe`).
@@ -157,18 +157,21 @@ def shared_prefix(spans: Sequence[Span], block_size: int | None) -> list[int] | 
     return list(first[:n]) if n >= block_size else None
 
 
-def scoring_params(top_logprobs: int, read_cache: bool) -> Any:
+def scoring_params(top_logprobs: int, read_cache: bool, words: bool = False) -> Any:
+    """The sampling parameters of a scoring request; with `words`, two more prompt-logprob
+    columns, which the target-only path fills with word-boundary masses
+    (`vllm_loglik.target_logprobs.WORDS`)."""
     from vllm import SamplingParams
 
     return SamplingParams(
         max_tokens=1,
-        prompt_logprobs=top_logprobs,
+        prompt_logprobs=top_logprobs + 2 if words else top_logprobs,
         detokenize=False,  # required with cache reads: see the module docstring
         flat_logprobs=True,  # no dict or Logprob object per position in the front-end
         skip_reading_prefix_cache=not read_cache,
         # The engine computes this request's prompt logprobs target-only where it can
         # (`vllm_loglik.target_logprobs`); anyone else's take vLLM's own path.
-        extra_args={MARK: True},
+        extra_args={MARK: True, WORDS: True} if words else {MARK: True},
     )
 
 
@@ -185,6 +188,7 @@ def score_spans(
     request_id: str,
     warm_single: bool = False,
     stats: ProtocolStats | None = None,
+    words: bool = False,
 ) -> Protocol:
     """The protocol (see the module docstring) for `spans`, as a generator.
 
@@ -193,7 +197,8 @@ def score_spans(
     context, less its last token, is warmed up if it fills a KV block and if the group has two
     spans or more, or one with `warm_single` (the server's choice: a client may send the same
     context again with its next continuation). Returns the `ScoredRows` of every span, in order;
-    `stats`, if given, counts what was sent and read.
+    `stats`, if given, counts what was sent and read. With `words`, the rows also hold each
+    position's word-boundary masses (`ScoredRows.starts` and `ends`).
     """
     stats = stats if stats is not None else ProtocolStats()
     groups: dict[tuple[int, ...], list[int]] = {}
@@ -221,20 +226,24 @@ def score_spans(
     stats.requests += len(spans)
     stats.prompt_tokens += sum(len(span.prompt_token_ids) for span in spans)
     outputs = yield [
-        EngineRequest(span.prompt_token_ids, scoring_params(top_logprobs, hit), f"{request_id}-{i}")
+        EngineRequest(
+            span.prompt_token_ids, scoring_params(top_logprobs, hit, words), f"{request_id}-{i}"
+        )
         for i, (span, hit) in enumerate(zip(spans, cached, strict=True))
     ]
     rows: list[ScoredRows | None] = []
     for span, hit, out in zip(spans, cached, outputs, strict=True):
         stats.cached_tokens += out.num_cached_tokens or 0
         if hit:
-            row = span_logprobs(out.prompt_logprobs, out.num_cached_tokens, span, top_logprobs)
+            row = span_logprobs(
+                out.prompt_logprobs, out.num_cached_tokens, span, top_logprobs, words
+            )
             if row is None:
                 reason = unreadable_reason(out.prompt_logprobs, out.num_cached_tokens, span)
                 stats.fallbacks[reason] += 1
             rows.append(row)
         else:
-            rows.append(_require(out, span, top_logprobs))
+            rows.append(_require(out, span, top_logprobs, words))
     again = [i for i, r in enumerate(rows) if r is None]
     if again:
         stats.requests += len(again)
@@ -242,19 +251,19 @@ def score_spans(
         outputs = yield [
             EngineRequest(
                 spans[i].prompt_token_ids,
-                scoring_params(top_logprobs, False),
+                scoring_params(top_logprobs, False, words),
                 f"{request_id}-{i}-full",
             )
             for i in again
         ]
         for i, out in zip(again, outputs, strict=True):
-            rows[i] = _require(out, spans[i], top_logprobs)
+            rows[i] = _require(out, spans[i], top_logprobs, words)
     return rows  # type: ignore[return-value]  # no None is left
 
 
-def _require(out: Any, span: Span, top_logprobs: int) -> ScoredRows:
+def _require(out: Any, span: Span, top_logprobs: int, words: bool = False) -> ScoredRows:
     return require_span_logprobs(
-        out.prompt_logprobs, out.num_cached_tokens, span, out.request_id, top_logprobs
+        out.prompt_logprobs, out.num_cached_tokens, span, out.request_id, top_logprobs, words
     )
 
 
@@ -286,6 +295,24 @@ async def run_async(protocol: Protocol, run: Any) -> list[ScoredRows]:
             batch = protocol.send(await run(batch))
     except StopIteration as stop:
         return stop.value
+
+
+def corrected_words_problem(vllm_config: Any, field: str = "word_probability") -> str | None:
+    """Why this engine cannot compute corrected word probabilities, as the message of the
+    request's error, or None where it can: they need the word-boundary masses that only the
+    target-only path (`vllm_loglik.target_logprobs`) computes; vLLM's own path would give
+    numbers without the correction, which are never passed off as corrected."""
+    from .target_logprobs import problem as target_problem
+
+    why = target_problem(vllm_config)
+    if why is None:
+        return None
+    return (
+        f"{field} 'corrected' needs vllm-loglik's target-only prompt logprobs in the engine, "
+        f"which this engine does not run ({why}). Run it with VLLM_USE_V2_MODEL_RUNNER=0 (and "
+        "VLLM_LOGLIK_TARGET_LOGPROBS unset) on a verified vLLM, or ask for word_probability "
+        "'tokens' (the plain sum of each word's tokens)"
+    )
 
 
 def path_line(name: str, problem: str | None) -> str:

@@ -13,7 +13,7 @@ so a scored prompt is at most `max_model_len - 1` tokens, and rolling windows us
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .engine_output import ScoredRows
@@ -31,6 +31,7 @@ from .spans import (
     validate_conversation,
 )
 from .tokenization import Tokenization
+from .words import WordLayout, layout, word_scores
 
 #: The most alternatives per token that a request may ask for (the OpenAI API's limit).
 MAX_TOP_LOGPROBS = 20
@@ -38,10 +39,15 @@ MAX_TOP_LOGPROBS = 20
 
 @dataclass(frozen=True)
 class Job:
-    """One result to compute: a label and the spans whose scored tokens make it up."""
+    """One result to compute: a label and the spans whose scored tokens make it up; with
+    `words`, the words of `text` laid on those tokens (`Scorer.with_words`)."""
 
     text: str
     spans: list[Span]
+    words: WordLayout | None = None
+    #: The prompt's first token, when the job scores a prompt's tokens from the second on (the
+    #: word it starts has no logprob for its first token).
+    prompt_first: int | None = None
 
 
 def check_top_logprobs(value: Any, field: str = "top_logprobs") -> int:
@@ -128,7 +134,7 @@ class Scorer:
         else:
             raise ValueError("prompt must be a string or a list of token ids")
         span = self._fits(prompt_span(ids, trim), "the prompt")
-        return Job(scored_text(self.tokens, span), [span])
+        return Job(scored_text(self.tokens, span), [span], prompt_first=ids[0])
 
     def chat(
         self,
@@ -168,7 +174,7 @@ class Scorer:
         messages = validate_conversation(conversation)
         ids, text = self._renderer(chat_template_kwargs)(messages, add_generation_prompt)
         span = self._fits(prompt_span(ids, self.tokens.trimmed(ids, text)), "the conversation")
-        return Job(text.decode("utf-8", errors="replace"), [span])
+        return Job(text.decode("utf-8", errors="replace"), [span], prompt_first=ids[0])
 
     def _renderer(self, chat_template_kwargs: dict[str, Any] | None):
         kwargs = dict(chat_template_kwargs or {})
@@ -183,6 +189,22 @@ class Scorer:
             return self.tokens.render_chat(msgs, add_generation_prompt, self.chat_template, options)
 
         return render
+
+    def with_words(
+        self,
+        job: Job,
+        words: bool | Sequence[tuple[int, int]],
+        corrected: bool,
+        field: str = "loglikelihood.words",
+    ) -> Job:
+        """`job` with its words laid on its scored tokens (`vllm_loglik.words.layout`): True
+        for the runs of non-whitespace of its text, or `[start, end)` character offsets into
+        it. Offsets that split a token are a `words.WordsError` that names `field[i]`."""
+        ids = [t for span in job.spans for t in span.scored_token_ids]
+        trims = [p in span.trim for span in job.spans for p in range(span.start, len(span.prompt_token_ids))]
+        first = job.prompt_first if job.spans[0].start == 1 else None
+        placed = layout(self.tokens, job.text, ids, trims, words, corrected, first, field)
+        return Job(job.text, job.spans, placed, job.prompt_first)
 
     def finish(
         self,
@@ -203,9 +225,19 @@ class Scorer:
                 total, greedy = score_totals(span, rows)
                 logprob, is_greedy = logprob + total, is_greedy and greedy
                 count += len(rows)
-            return Score(job.text, logprob, is_greedy, count, [])
-        parts = [
-            score_tokens(span, rows, self.tokens, top_logprobs)
-            for span, rows in zip(job.spans, scored, strict=True)
-        ]
-        return combine(job.text, parts)
+            score = Score(job.text, logprob, is_greedy, count, [])
+        else:
+            parts = [
+                score_tokens(span, rows, self.tokens, top_logprobs)
+                for span, rows in zip(job.spans, scored, strict=True)
+            ]
+            score = combine(job.text, parts)
+        if job.words is None:
+            return score
+        logprobs = [lp for rows in scored for lp in rows.logprobs]
+        starts = ends = None
+        if job.words.corrected:
+            starts = [b for rows in scored for b in (rows.starts or ())]
+            ends = [b for rows in scored for b in (rows.ends or ())]
+        words = word_scores(job.words, logprobs, starts, ends)
+        return replace(score, words=words, words_left_out=job.words.left_out)

@@ -1,5 +1,10 @@
 """The offline API: loglikelihoods on an existing `vllm.LLM`.
 
+Every function also takes `words=` (True: each scored text's words, its runs of non-whitespace;
+or one list of `(start, end)` character offsets per scored text) and `word_probability=`
+(`"corrected"`, the default, or `"tokens"`): each `Score` then has `words`, a `WordScore` per
+word (`vllm_loglik.words`; `docs/words.md`).
+
 Each function validates all of its input first (a `ValueError` names the problem and nothing
 is sent to the engine), then scores the whole batch with vLLM's prompt-logprobs path, which
 computes log P(token | earlier tokens) at every prompt position, through the protocol of
@@ -26,6 +31,7 @@ from typing import Any
 
 from .engine_requests import (
     EngineRequest,
+    corrected_words_problem,
     fast_paths,
     lora_scoring_problem,
     prefix_block_size,
@@ -35,6 +41,8 @@ from .engine_requests import (
 from .fingerprints import report
 from .jobs import Job, Scorer, check_top_logprobs
 from .scoring import Score
+from .spans import excerpt
+from .words import WORD_PROBABILITIES, check_offsets
 
 _scorers: weakref.WeakKeyDictionary[Any, Scorer] = weakref.WeakKeyDictionary()
 _calls = itertools.count()
@@ -50,19 +58,70 @@ def scorer_for(llm: Any) -> Scorer:
     return scorer
 
 
+def _with_words(
+    scorer: Scorer, jobs: list[Job], words: Any, word_probability: str, name: str
+) -> list[Job]:
+    """`jobs` with their words laid on them (`Scorer.with_words`): `words` is True, or one list
+    of `(start, end)` character offsets per scored text, in order."""
+    if words is False or words is None:
+        return jobs
+    if word_probability not in WORD_PROBABILITIES:
+        raise ValueError(
+            f"word_probability must be one of {', '.join(WORD_PROBABILITIES)}, got {excerpt(word_probability)}"
+        )
+    corrected = word_probability == "corrected"
+    if words is not True:
+        words = _sequence(words, "words")
+        if len(words) != len(jobs):
+            raise ValueError(
+                f"words must be True or hold one list of (start, end) offsets per scored text: "
+                f"{len(words)} lists for {len(jobs)} texts"
+            )
+    out = []
+    for i, job in enumerate(jobs):
+        field = "words" if words is True else f"words[{i}]"
+        try:
+            spec = True if words is True else check_offsets(words[i], field)
+            out.append(scorer.with_words(job, spec, corrected, field))
+        except ValueError as e:
+            raise ValueError(f"{name}[{i}]: {e}") from None
+    return out
+
+
 def run_jobs(
-    llm: Any, jobs: list[Job], top_logprobs: int, use_tqdm: bool, lora_request: Any = None
+    llm: Any,
+    jobs: list[Job],
+    top_logprobs: int,
+    use_tqdm: bool,
+    lora_request: Any = None,
+    words: Any = False,
+    word_probability: str = "corrected",
+    name: str = "requests",
 ) -> list[Score]:
     """Score `jobs` with the protocol of `vllm_loglik.engine_requests`, one `LLM.generate`
     call per batch of it, every request under `lora_request` (None: the base model), and
-    return their scores in order."""
+    return their scores in order; with `words`, each score's words too."""
     from vllm.inputs import TokensPrompt
 
     top_logprobs = check_top_logprobs(top_logprobs)
-    problem = lora_scoring_problem(llm.llm_engine.vllm_config)
+    config = llm.llm_engine.vllm_config
+    problem = lora_scoring_problem(config)
     if problem is not None:
         raise ValueError(problem)
     scorer = scorer_for(llm)
+    jobs = _with_words(scorer, jobs, words, word_probability, name)
+    corrected = any(job.words is not None and job.words.corrected for job in jobs)
+    if corrected:
+        problem = corrected_words_problem(config)
+        if problem is not None:
+            raise ValueError(problem)
+        cap = config.model_config.max_logprobs
+        if cap != -1 and top_logprobs + 2 > cap:
+            raise ValueError(
+                f"top_logprobs is {top_logprobs}; with corrected words the engine computes two "
+                f"more prompt logprobs per position, and its max_logprobs is {cap}: at most "
+                f"{max(cap - 2, 0)} (or build the LLM with a larger max_logprobs)"
+            )
     spans = [span for job in jobs for span in job.spans]
     if not spans:
         return []
@@ -74,7 +133,9 @@ def run_jobs(
             prompts, [r.params for r in batch], use_tqdm=use_tqdm, lora_request=lora_request
         )
 
-    protocol = score_spans(spans, top_logprobs, block_size, f"offline-{next(_calls)}")
+    protocol = score_spans(
+        spans, top_logprobs, block_size, f"offline-{next(_calls)}", words=corrected
+    )
     scored = iter(run_sync(protocol, run))
     return [scorer.finish(job, [next(scored) for _ in job.spans], top_logprobs) for job in jobs]
 
@@ -110,6 +171,8 @@ def loglikelihood(
     top_logprobs: int = 0,
     use_tqdm: bool = False,
     lora_request: Any = None,
+    words: bool | Sequence[Sequence[tuple[int, int]]] = False,
+    word_probability: str = "corrected",
 ) -> list[Score]:
     """log P(continuation | context) for each `(context, continuation)` pair.
 
@@ -128,7 +191,9 @@ def loglikelihood(
     """
     scorer = scorer_for(llm)
     jobs = _jobs(requests, "requests", lambda item: scorer.pair(*_pair(item)))
-    return run_jobs(llm, jobs, top_logprobs, use_tqdm, lora_request)
+    return run_jobs(
+        llm, jobs, top_logprobs, use_tqdm, lora_request, words, word_probability, "requests"
+    )
 
 
 def loglikelihood_tokens(
@@ -138,6 +203,8 @@ def loglikelihood_tokens(
     top_logprobs: int = 0,
     use_tqdm: bool = False,
     lora_request: Any = None,
+    words: bool | Sequence[Sequence[tuple[int, int]]] = False,
+    word_probability: str = "corrected",
 ) -> list[Score]:
     """log P(continuation | context) for each `(context_ids, continuation_ids)` pair of token
     ids, each used exactly as given: lm-eval's `_loglikelihood_tokens`, and the way to score n
@@ -153,7 +220,9 @@ def loglikelihood_tokens(
     """
     scorer = scorer_for(llm)
     jobs = _jobs(requests, "requests", lambda item: scorer.pair_ids(*_token_pair(item)))
-    return run_jobs(llm, jobs, top_logprobs, use_tqdm, lora_request)
+    return run_jobs(
+        llm, jobs, top_logprobs, use_tqdm, lora_request, words, word_probability, "requests"
+    )
 
 
 def _token_pair(item: Any) -> tuple[Sequence[int], Sequence[int]]:
@@ -173,6 +242,8 @@ def loglikelihood_rolling(
     top_logprobs: int = 0,
     use_tqdm: bool = False,
     lora_request: Any = None,
+    words: bool | Sequence[Sequence[tuple[int, int]]] = False,
+    word_probability: str = "corrected",
 ) -> list[Score]:
     """The total loglikelihood of each text, of any length, as lm-eval's `loglikelihood_rolling`.
 
@@ -181,7 +252,9 @@ def loglikelihood_rolling(
     token is predicted exactly once, the first one given BOS alone.
     """
     jobs = _jobs(texts, "texts", scorer_for(llm).rolling)
-    return run_jobs(llm, jobs, top_logprobs, use_tqdm, lora_request)
+    return run_jobs(
+        llm, jobs, top_logprobs, use_tqdm, lora_request, words, word_probability, "texts"
+    )
 
 
 def prompt_loglikelihood(
@@ -191,6 +264,8 @@ def prompt_loglikelihood(
     top_logprobs: int = 0,
     use_tqdm: bool = False,
     lora_request: Any = None,
+    words: bool | Sequence[Sequence[tuple[int, int]]] = False,
+    word_probability: str = "corrected",
 ) -> list[Score]:
     """Every token of each prompt except the first, as the hosted API's `loglikelihood: true`.
 
@@ -198,7 +273,9 @@ def prompt_loglikelihood(
     and every token of the text is scored); a list of token ids is used as it is.
     """
     jobs = _jobs(prompts, "prompts", scorer_for(llm).prompt)
-    return run_jobs(llm, jobs, top_logprobs, use_tqdm, lora_request)
+    return run_jobs(
+        llm, jobs, top_logprobs, use_tqdm, lora_request, words, word_probability, "prompts"
+    )
 
 
 def chat_loglikelihood(
@@ -210,6 +287,8 @@ def chat_loglikelihood(
     top_logprobs: int = 0,
     use_tqdm: bool = False,
     lora_request: Any = None,
+    words: bool | Sequence[Sequence[tuple[int, int]]] = False,
+    word_probability: str = "corrected",
 ) -> list[Score] | list[list[Score]]:
     """The loglikelihood of the final message of each conversation under the chat template.
 
@@ -245,7 +324,9 @@ def chat_loglikelihood(
                 jobs.append(scorer.chat(conversation, option, chat_template_kwargs))
         except ValueError as e:
             raise ValueError(f"conversations[{i}]: {e}") from None
-    scores = run_jobs(llm, jobs, top_logprobs, use_tqdm, lora_request)
+    scores = run_jobs(
+        llm, jobs, top_logprobs, use_tqdm, lora_request, words, word_probability, "texts"
+    )
     if candidates is None:
         return scores
     grouped, at = [], 0

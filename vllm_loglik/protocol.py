@@ -6,8 +6,9 @@ Request (an extra field on `/v1/completions` and `/v1/chat/completions`)::
 
     "loglikelihood": true
         Score every prompt token except the first (the hosted API's boolean field).
-    "loglikelihood": {"continuations": [...], "scope": "prompt" | "last_message",
-                      "top_logprobs": 0..20, "content": true | false}
+    "loglikelihood": {"continuations": [...], "scope": "prompt" | "last_message" | "rolling",
+                      "top_logprobs": 0..20, "content": true | false,
+                      "words": true | [[start, end], ...], "word_probability": "corrected"}
         See `LoglikelihoodOptions`.
 
 Response: each choice gains `loglikelihood`, a list of `LoglikelihoodEntry`, next to the
@@ -30,7 +31,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import msgspec
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
 from .spans import excerpt
 
@@ -74,6 +75,24 @@ class LoglikelihoodOptions(BaseModel):
             "`logprobs` (completions), else 0. Needs `content: true`."
         ),
     )
+    words: StrictBool | list[list[StrictInt]] | list[list[list[StrictInt]]] | None = Field(
+        default=None,
+        description=(
+            "Word-level scores: each entry gains `words`. `true`: the scored text's words are its "
+            "maximal runs of non-whitespace characters (punctuation stays attached). A list of "
+            "[start, end] character offsets into each entry's text: your own words, in order, "
+            "not overlapping, not splitting a token (a token may run on into whitespace); or, "
+            "with several continuations, one such list per continuation."
+        ),
+    )
+    word_probability: Literal["corrected", "tokens"] = Field(
+        default="corrected",
+        description=(
+            "`corrected`: log p(word | context), the sum of its tokens' logprobs plus log P(a "
+            "word starts) after it, less log P(its first token's class) before it (Pimentel "
+            "and Meister 2024). `tokens`: the plain sum of its tokens' logprobs."
+        ),
+    )
     content: bool = Field(
         default=True,
         description=(
@@ -111,7 +130,7 @@ def parse_loglikelihood(value: Any) -> LoglikelihoodField:
         if err["type"] == "extra_forbidden":
             raise ValueError(
                 f"{where} is not a loglikelihood option (known: continuations, scope, "
-                "top_logprobs, content)"
+                "top_logprobs, content, words, word_probability)"
             ) from None
         raise ValueError(f"{where}: {err['msg']}") from None
 
@@ -141,6 +160,16 @@ class TokenEntry(BaseModel):
     top_logprobs: list[TopLogprobEntry] = Field(default_factory=list)
 
 
+class WordEntry(BaseModel):
+    """One word of a scored text."""
+
+    text: str
+    offset: int = Field(description="Characters into the entry's `text`.")
+    num_tokens: int
+    logprob: float = Field(description="log p(word | context), as `word_probability` asks.")
+    tokens_logprob: float = Field(description="The plain sum of the word's tokens' logprobs.")
+
+
 class LoglikelihoodEntry(BaseModel):
     """The loglikelihood of one scored text: the prompt, the last message or a continuation."""
 
@@ -152,6 +181,16 @@ class LoglikelihoodEntry(BaseModel):
     content: list[TokenEntry] | None = Field(
         default=None,
         description="The scored tokens, in order; absent in the compact response (content: false).",
+    )
+    words: list[WordEntry] | None = Field(
+        default=None, description="The scored text's words, in order (with `words` asked for)."
+    )
+    words_left_out: int | None = Field(
+        default=None,
+        description=(
+            "Words left out of `words`: 1 when the prompt's first word starts at its first "
+            "token, which has no logprob; else 0."
+        ),
     )
 
 
@@ -171,6 +210,9 @@ def entry_from_score(
     }
     if content:
         entry["content"] = msgspec.to_builtins(score.tokens) if plain else score.tokens
+    if score.words is not None:
+        entry["words"] = msgspec.to_builtins(score.words) if plain else score.words
+        entry["words_left_out"] = score.words_left_out
     return entry
 
 
@@ -194,6 +236,7 @@ __all__ = [
     "LoglikelihoodOptions",
     "TokenEntry",
     "TopLogprobEntry",
+    "WordEntry",
     "entries",
     "entry_from_score",
     "parse_loglikelihood",

@@ -10,11 +10,13 @@ the two unchanged and give the same numbers. Bad input is a `RequestError` that 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from .jobs import Job, Scorer
 from .protocol import DEFAULT_MAX_CONTINUATIONS, LoglikelihoodOptions
 from .spans import check_text
+from .words import WordsError, check_offsets
 
 
 class RequestError(ValueError):
@@ -240,3 +242,137 @@ def chat_jobs(
         raise
     except ValueError as e:
         raise RequestError("messages", f"messages: {e}") from None
+
+
+# ---------------------------------------------------------------- one pass: body -> jobs
+
+
+@dataclass
+class Translation:
+    """What a request body asks for, as jobs: the one pass from a body's fields to the engine's
+    work, which the server (then its own checks: caps, the engine) and the batch CLI share."""
+
+    #: The jobs of each prompt (completions: one group per prompt; chat: one group).
+    groups: list[list[Job]]
+    #: Alternatives per scored token, and the request field it came from (for a cap's message).
+    top_logprobs: int
+    top_logprobs_field: str
+    content: bool
+    rolling: bool = False
+    #: The words asked for, if any, and whether corrected (the engine then computes P_B).
+    words: bool = False
+    corrected_words: bool = False
+
+    @property
+    def jobs(self) -> list[Job]:
+        return [job for group in self.groups for job in group]
+
+
+def _top_logprobs(options: LoglikelihoodOptions, fallback: int | None, name: str) -> tuple[int, str]:
+    """The alternatives per token: the field's own `top_logprobs`, else the request's `name`
+    (which the compact response ignores: it lists no tokens)."""
+    if options.top_logprobs is not None:
+        if options.top_logprobs and not options.content:
+            raise RequestError(
+                "loglikelihood.top_logprobs",
+                "loglikelihood.top_logprobs needs loglikelihood.content: true; the compact "
+                "response (content: false) lists no tokens",
+            )
+        return options.top_logprobs, "loglikelihood.top_logprobs"
+    if not options.content:
+        return 0, name
+    return max(fallback or 0, 0), name
+
+
+def translate_completion(
+    scorer: Scorer,
+    options: LoglikelihoodOptions,
+    prompt: Any,
+    logprobs: int | None,
+    max_continuations: int,
+) -> Translation:
+    """A `/v1/completions` body's `loglikelihood`, `prompt` and `logprobs`, as jobs."""
+    check_continuations(options, max_continuations)
+    k, k_field = _top_logprobs(options, logprobs, "logprobs")
+    prompts = completion_prompts(prompt)
+    groups = []
+    for p, one in enumerate(prompts):
+        jobs = completion_jobs(scorer, one, p, len(prompts), options)
+        where = f"prompt[{p}]" if len(prompts) > 1 else "prompt"
+        if options.continuations is None:
+            labels = [where]
+        else:
+            labels = [f"loglikelihood.continuations[{i}]" for i in range(len(jobs))]
+        groups.append(_with_words(scorer, jobs, labels, options))
+    return _translation(groups, k, k_field, options)
+
+
+def translate_chat(
+    scorer: Scorer,
+    options: LoglikelihoodOptions,
+    messages: Any,
+    top_logprobs: int | None,
+    max_continuations: int,
+    *,
+    chat_template_kwargs: dict[str, Any] | None = None,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+) -> Translation:
+    """A `/v1/chat/completions` body's `loglikelihood`, `messages`, `top_logprobs` (the
+    request's own, where `logprobs` is on) and template options, as jobs."""
+    check_continuations(options, max_continuations)
+    k, k_field = _top_logprobs(options, top_logprobs, "top_logprobs")
+    jobs = chat_jobs(
+        scorer, messages, options, chat_template_kwargs=chat_template_kwargs,
+        add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+    )  # fmt: skip
+    if options.continuations is None:
+        labels = ["messages"]
+    else:
+        labels = [f"loglikelihood.continuations[{i}]" for i in range(len(jobs))]
+    return _translation([_with_words(scorer, jobs, labels, options)], k, k_field, options)
+
+
+def _translation(
+    groups: list[list[Job]], k: int, k_field: str, options: LoglikelihoodOptions
+) -> Translation:
+    words = options.words not in (None, False)
+    return Translation(
+        groups, k, k_field, options.content, rolling=options.scope == "rolling", words=words,
+        corrected_words=words and options.word_probability == "corrected",
+    )  # fmt: skip
+
+
+def _with_words(
+    scorer: Scorer, jobs: list[Job], labels: list[str], options: LoglikelihoodOptions
+) -> list[Job]:
+    """`jobs` with the words of `options.words` laid on them: one list of offsets for every
+    entry, or (several continuations) one list per continuation."""
+    value = options.words
+    if value is None or value is False:
+        return jobs
+    field = "loglikelihood.words"
+    per_entry = (
+        value is not True and bool(value) and all(
+            isinstance(item, list) and item and isinstance(item[0], list) for item in value
+        )
+    )  # fmt: skip
+    if per_entry and len(value) != len(jobs):
+        raise RequestError(
+            field,
+            f"{field} holds {len(value)} lists of offsets, one per continuation; the request "
+            f"has {len(jobs)} entries",
+        )
+    corrected = options.word_probability == "corrected"
+    out = []
+    for j, (job, label) in enumerate(zip(jobs, labels, strict=True)):
+        spec, where = (value[j], f"{field}[{j}]") if per_entry else (value, field)
+        try:
+            offsets = True if spec is True else check_offsets(spec, where)
+            out.append(scorer.with_words(job, offsets, corrected, where))
+        except WordsError as e:
+            message = str(e) if per_entry or len(jobs) == 1 else f"{e} (in {label})"
+            raise RequestError(e.field, message) from None
+        except ValueError as e:
+            raise RequestError(where, f"{where}: {e} (in {label})") from None
+    return out

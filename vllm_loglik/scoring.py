@@ -17,6 +17,7 @@ import msgspec
 from .engine_output import EngineOutputError, ScoredRows, require_span_logprobs
 from .spans import Span
 from .tokenization import Tokenization
+from .words import WordScore
 
 
 class TopLogprob(msgspec.Struct, frozen=True):
@@ -58,6 +59,10 @@ class Score:
     is_greedy: bool
     num_tokens: int
     tokens: list[TokenScore]
+    #: With words asked for: each word of `text`, in order (`vllm_loglik.words`), and how many
+    #: were left out (the prompt's first word, whose first token has no logprob).
+    words: list[WordScore] | None = None
+    words_left_out: int = 0
 
     def __iter__(self):
         yield self.logprob

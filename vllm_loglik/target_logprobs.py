@@ -36,12 +36,21 @@ import logging
 import os
 from typing import Any
 
+from .engine_output import WORDS_ID as ENGINE_WORDS_ID
 from .fingerprints import Reliance, checked, vllm_version
 
 logger = logging.getLogger("vllm.loglik.target_logprobs")
 
 #: The `SamplingParams.extra_args` key that marks a request as vllm-loglik's.
 MARK = "vllm_loglik"
+#: The `extra_args` key of a marked request that wants word-boundary masses (`vllm_loglik.words`):
+#: its prompt logprobs are asked for with `k + 2` columns, of which the last two, with token id
+#: `WORDS_ID`, hold log P_B of the row's distribution and of the next row's (for the last prompt
+#: token: of the distribution after it, where the engine samples).
+WORDS = "vllm_loglik_words"
+#: The token id of the two word-boundary columns (no token has it; vLLM's own path, which fills
+#: every column with a real token, is told apart by it).
+WORDS_ID = ENGINE_WORDS_ID
 #: The vLLM code that the patch relies on: the method it replaces (and calls for everyone
 #: else), the sampler functions whose numbers it reproduces, the tensors it fills, and the CPU
 #: runner that must inherit the method as it is.
@@ -154,8 +163,9 @@ def install() -> None:
 
 
 def _our_requests(runner: Any) -> dict[str, int]:
-    """The marked requests among those that want prompt logprobs in this step, with their k;
-    none where the runner's logprobs mode needs vLLM's own path."""
+    """The marked requests among those that want prompt logprobs in this step, with their k
+    (negative, `-(k + 1)`, for a request that wants word-boundary masses); none where the
+    runner's logprobs mode needs vLLM's own path."""
     wanted = runner.num_prompt_logprobs
     if not wanted:
         return {}
@@ -167,7 +177,7 @@ def _our_requests(runner: Any) -> dict[str, int]:
         params = getattr(state, "sampling_params", None)
         extra = getattr(params, "extra_args", None) or {}
         if extra.get(MARK):
-            ours[req_id] = k
+            ours[req_id] = -(k + 1) if extra.get(WORDS) else k
     return ours
 
 
@@ -184,6 +194,8 @@ def _prompt_logprobs(
     completed = []
     vocab = runner.model_config.get_vocab_size()
     for req_id, k in ours.items():
+        words = k < 0
+        k = -k - 1 if words else k
         num_tokens = num_scheduled_tokens.get(req_id)
         if num_tokens is None:  # preempted in prefill
             continue
@@ -204,16 +216,41 @@ def _prompt_logprobs(
             num_logits = remaining
             completed.append(req_id)
             out[req_id] = tensors
-        if num_logits <= 0:
-            continue
         offset = runner.query_start_loc.np[runner.input_batch.req_id_to_index[req_id]].item()
+        if num_logits <= 0:
+            if words and req_id in completed and num_prompt_tokens >= 2:
+                # A final chunk of the last token alone: the distribution after it.
+                last = hidden_states[offset : offset + 1]
+                mass = _boundary_mass(runner.model.compute_logits(last), _boundary_mask(runner, last.device))
+                tensors.logprobs[num_prompt_tokens - 2, k].copy_(mass[0], non_blocking=True)
+            continue
         hidden = hidden_states[offset : offset + num_logits]
         targets = torch.tensor(
             request.prompt_token_ids[start_tok : start_tok + num_logits],
             dtype=torch.int64, device=hidden.device,
         )  # fmt: skip
-        ids, logprobs, ranks = _target_rows(runner.model.compute_logits, hidden, targets, k, vocab)
+        top = k - 2 if words else k
+        mask = _boundary_mask(runner, hidden.device) if words else None
+        ids, logprobs, ranks = _target_rows(
+            runner.model.compute_logits, hidden, targets, top, vocab, mask
+        )
         rows = slice(start_idx, start_idx + num_logits)
+        if words:
+            # Column k + 1: log P_B of the row's own distribution; column k + 2: of the next
+            # row's, which is this chunk's next row, the previous chunk's last row's (its first
+            # row here), and, on the final chunk, the distribution after the last token.
+            b = logprobs[:, top + 1]
+            after = torch.empty_like(b)
+            after[:-1] = b[1:]
+            if req_id in completed:
+                last = hidden_states[offset + num_logits : offset + num_logits + 1]
+                after[-1:] = _boundary_mass(runner.model.compute_logits(last), mask)
+            else:
+                after[-1:] = float("nan")  # filled by the next chunk
+            logprobs = torch.cat((logprobs, after[:, None]), dim=1)
+            ids = torch.cat((ids, torch.full_like(ids[:, :1], WORDS_ID)), dim=1)
+            if start_idx >= 1:
+                tensors.logprobs[start_idx - 1, k].copy_(b[0], non_blocking=True)
         tensors.logprob_token_ids[rows].copy_(ids, non_blocking=True)
         tensors.logprobs[rows].copy_(logprobs, non_blocking=True)
         tensors.selected_token_ranks[rows].copy_(ranks, non_blocking=True)
@@ -229,20 +266,29 @@ def _prompt_logprobs(
     return out
 
 
-def _target_rows(compute_logits: Any, hidden: Any, targets: Any, k: int, vocab: int):
+def _target_rows(
+    compute_logits: Any, hidden: Any, targets: Any, k: int, vocab: int, mask: Any = None
+):
     """`(token ids, logprobs, ranks)` of each row as `Sampler.gather_logprobs` lays them out
-    (column 0 the target, then the top k), from the logits of `hidden`. The logits are computed
-    by vLLM's `compute_logits` a slice of rows at a time (all rows at once, as vLLM does, when
-    they fit one slice of `ROWS_ELEMENTS`)."""
+    (column 0 the target, then the top k), from the logits of `hidden`; with `mask` (B, the
+    tokens that begin a word), one more column: log P_B of the row (token id `WORDS_ID`). The
+    logits are computed by vLLM's `compute_logits` a slice of rows at a time (all rows at once,
+    as vLLM does, when they fit one slice of `ROWS_ELEMENTS`)."""
     import torch
 
     step = max(1, ROWS_ELEMENTS // max(vocab, 1))
     ids_out, lp_out, rank_out = [], [], []
     for at in range(0, hidden.shape[0], step):
         t = targets[at : at + step]
-        lp, rank, top_ids, top_lp = _fused(compute_logits(hidden[at : at + step]), t, k)
-        ids_out.append((torch.cat((t[:, None], top_ids), dim=1) if k else t[:, None]).to(torch.int32))
-        lp_out.append(torch.cat((lp, top_lp), dim=1) if k else lp)
+        logits = compute_logits(hidden[at : at + step])
+        lp, rank, top_ids, top_lp = _fused(logits, t, k)
+        ids = [t[:, None]] + ([top_ids] if k else [])
+        lps = [lp] + ([top_lp] if k else [])
+        if mask is not None:
+            ids.append(torch.full_like(t[:, None], WORDS_ID))
+            lps.append(_boundary_mass(logits, mask)[:, None])
+        ids_out.append(torch.cat(ids, dim=1).to(torch.int32))
+        lp_out.append(torch.cat(lps, dim=1))
         rank_out.append(rank)
     if len(ids_out) == 1:
         return ids_out[0], lp_out[0], rank_out[0]
@@ -263,6 +309,35 @@ def _rows(x: Any, t: Any, k: int):
 
 
 _compiled: Any = None
+_mask: Any = None
+
+
+def _boundary_mass(logits: Any, mask: Any):
+    """log P_B per row: the logsumexp of the logits of B less that of all (float32)."""
+    import torch
+
+    x = logits.float()
+    if mask.shape[0] != x.shape[-1]:
+        raise ValueError(f"a mask of {mask.shape[0]} tokens for {x.shape[-1]} logits")
+    return torch.logsumexp(x.masked_fill(~mask, float("-inf")), dim=-1) - torch.logsumexp(x, dim=-1)
+
+
+def _boundary_mask(runner: Any, device: Any):
+    """B (`vllm_loglik.words.boundary_ids`) over the model's logits, from the engine's own
+    tokenizer, built once per process."""
+    global _mask
+    if _mask is None:
+        from vllm.tokenizers import cached_tokenizer_from_config
+
+        from .tokenization import Tokenization
+        from .words import boundary_mask
+
+        tokenizer = cached_tokenizer_from_config(runner.model_config)
+        if tokenizer is None:
+            raise ValueError("the engine has no tokenizer (skip_tokenizer_init) to find B with")
+        width = runner.model_config.get_vocab_size()
+        _mask = boundary_mask(Tokenization(tokenizer), width).to(device)
+    return _mask
 
 
 def _fused(logits: Any, targets: Any, k: int):

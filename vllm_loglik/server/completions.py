@@ -7,8 +7,7 @@ from http import HTTPStatus
 
 from fastapi import Request
 
-from ..jobs import Job
-from ..requests import RequestError, completion_jobs, completion_prompts
+from ..requests import RequestError, completion_prompts, translate_completion
 from .protocol import ErrorResponse, LoglikelihoodCompletionRequest, error_json, error_response
 from .responses import (
     as_entries,
@@ -17,18 +16,17 @@ from .responses import (
     no_generation,
     scored_prompt_tokens,
 )
-from .validation import adapter_of, checked, top_logprobs_of
+from .validation import adapter_of, check_translation, scoring_of
 
 
 async def score_completion(request: LoglikelihoodCompletionRequest, raw_request: Request):
     try:
-        scoring, options = checked(request, raw_request)
-        k = top_logprobs_of(scoring, options, request.logprobs, "logprobs")
-        prompts = completion_prompts(request.prompt)
-        groups: list[list[Job]] = []
-        for p, prompt in enumerate(prompts):
-            groups.append(completion_jobs(scoring.scorer, prompt, p, len(prompts), options))
-        scoring.limits.check_jobs([job for g in groups for job in g], options.scope == "rolling")
+        scoring, options = scoring_of(request, raw_request)
+        work = translate_completion(
+            scoring.scorer, options, request.prompt, request.logprobs,
+            scoring.limits.max_continuations,
+        )  # fmt: skip
+        check_translation(scoring, work)
     except RequestError as e:
         return error_response(str(e), e.param, getattr(e, "status", HTTPStatus.BAD_REQUEST))
 
@@ -36,9 +34,9 @@ async def score_completion(request: LoglikelihoodCompletionRequest, raw_request:
     adapter = await adapter_of(request, handler)
     if isinstance(adapter, ErrorResponse):
         return error_json(adapter)
-    jobs = [job for group in groups for job in group]
+    groups, jobs = work.groups, work.jobs
     generate = request.max_tokens != 0 or bool(request.echo)
-    if generate and any(p == "" for p in prompts):
+    if generate and any(p == "" for p in completion_prompts(request.prompt)):
         return error_response(
             "prompt must not be empty when generating; an empty context is only for scoring "
             "continuations with max_tokens: 0",
@@ -46,12 +44,12 @@ async def score_completion(request: LoglikelihoodCompletionRequest, raw_request:
             HTTPStatus.BAD_REQUEST,
         )
     scores, generated = await asyncio.gather(
-        scoring.run(jobs, k, options.content, adapter),
+        scoring.run(jobs, work.top_logprobs, work.content, adapter, work.corrected_words),
         handler.create_completion(request, raw_request) if generate else no_generation(),
     )
     per_prompt, at = [], 0
     for group in groups:
-        per_prompt.append(as_entries(scores[at : at + len(group)], options.content))
+        per_prompt.append(as_entries(scores[at : at + len(group)], work.content))
         at += len(group)
     prompt_tokens = scored_prompt_tokens(jobs)
     if generated is not None:

@@ -16,6 +16,7 @@ from ..engine_requests import (
     EngineRequest,
     ProtocolStats,
     cache_reads_problem,
+    corrected_words_problem,
     fast_paths,
     last_output,
     lora_mixing_unsafe,
@@ -66,6 +67,11 @@ class ServerScoring:
             chat_template=getattr(chat, "chat_template", None),
         )
         self.limits = Limits.from_env()
+        #: The engine's cap on prompt logprobs per position (-1 in vLLM: the vocabulary's size).
+        max_logprobs = engine_client.model_config.max_logprobs
+        self.max_logprobs = (
+            engine_client.model_config.get_vocab_size() if max_logprobs == -1 else max_logprobs
+        )
         self.block_size = prefix_block_size(engine_client.vllm_config)
         #: Why the engine's prefix cache is not read although it is on (the installed vLLM's
         #: output layouts are not verified), if so: each scoring request is then counted.
@@ -85,6 +91,10 @@ class ServerScoring:
         self.path_problem = target_path_problem(engine_client.vllm_config)
         if self.path_problem is not None:
             logger.warning("vllm-loglik scores with vLLM's own prompt logprobs: %s", self.path_problem)
+        #: Why corrected word probabilities cannot be computed here (the request's 400), if so.
+        self.words_problem = corrected_words_problem(
+            engine_client.vllm_config, "loglikelihood.word_probability"
+        )
         #: The `model` label of the base model in the metrics (a request without `model`).
         self.base_name = model_label(None, getattr(state, "openai_serving_models", None))
         #: Why echo requests are left to vLLM (`echo.py`), if they are; else the completion
@@ -146,31 +156,37 @@ class ServerScoring:
             raise
 
     async def run(
-        self, jobs: list[Job], top_logprobs: int, content: bool = True, lora_request: Any = None
+        self,
+        jobs: list[Job],
+        top_logprobs: int,
+        content: bool = True,
+        lora_request: Any = None,
+        words: bool = False,
     ) -> list[Score]:
         """Score `jobs`: every span is its own engine request, all in flight at once, under
         `lora_request` (None: the base model). `content=False` computes only each job's totals
-        (the compact response). A request's warm-up runs under its adapter too: vLLM's prefix
+        (the compact response); `words`, that the engine computes word-boundary masses
+        (corrected word probabilities). A request's warm-up runs under its adapter too: vLLM's prefix
         cache keys blocks by adapter, so a context is only ever read under the adapter that
         computed it."""
         from vllm.exceptions import VLLMError
 
         try:
             async with self.turn(lora_request):
-                return await self._run(jobs, top_logprobs, content, lora_request)
+                return await self._run(jobs, top_logprobs, content, lora_request, words)
         except VLLMError:
             raise
         except Exception as e:
             raise ScoringFault(f"{type(e).__name__}: {e}") from e
 
     async def _run(
-        self, jobs: list[Job], top_logprobs: int, content: bool, lora_request: Any
+        self, jobs: list[Job], top_logprobs: int, content: bool, lora_request: Any, words: bool
     ) -> list[Score]:
         spans = [span for job in jobs for span in job.spans]
         stats = ProtocolStats()
         protocol = score_spans(
             spans, top_logprobs, self.block_size, f"loglik-{uuid.uuid4().hex}", warm_single=True,
-            stats=stats,
+            stats=stats, words=words,
         )  # fmt: skip
         scores: list[Score] = []
         try:

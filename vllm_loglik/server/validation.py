@@ -1,6 +1,10 @@
-"""Checks that both endpoints apply to a request with `loglikelihood`, before any engine work.
+"""The server's checks of a request with `loglikelihood`, before any engine work.
 
-Each raises `RequestError` naming the field, which the handlers answer with HTTP 400.
+A request goes one way: `scoring_of` (the configuration, and the fields checked before any
+tokenizing), then the one translation of its body into jobs (`vllm_loglik.requests`,
+`translate_completion` or `translate_chat`, which the batch CLI runs too), then
+`check_translation` (the server's caps, and what its engine can compute). Each raises
+`RequestError` naming the field, which the handlers answer with HTTP 400.
 """
 
 from __future__ import annotations
@@ -12,17 +16,44 @@ from fastapi import Request
 
 from ..protocol import LoglikelihoodOptions
 from .engine import ServerScoring
-from ..requests import RequestError, check_continuations
+from ..requests import RequestError, Translation
 
 
-def checked(request: Any, raw_request: Request) -> tuple[ServerScoring, LoglikelihoodOptions]:
-    """The app's `ServerScoring` and the request's options, after the checks of both endpoints."""
+def scoring_of(request: Any, raw_request: Request) -> tuple[ServerScoring, LoglikelihoodOptions]:
+    """The app's `ServerScoring` and the request's options, after the checks of the request's
+    own fields that come before any tokenizing (the configuration, `stream`, `n`)."""
     scoring: ServerScoring = raw_request.app.state.vllm_loglik
     if scoring.lora_problem is not None:
         raise NotScorable(scoring.lora_problem)
     options = options_of(request)
-    check_common(request, options, scoring)
+    if request.stream:
+        raise RequestError(
+            "stream",
+            "loglikelihood cannot be combined with stream: true; send the request without "
+            "streaming",
+        )
+    scoring.limits.check_request(request)
     return scoring, options
+
+
+def check_translation(scoring: ServerScoring, work: Translation) -> None:
+    """The server's own checks of a translated request: its caps, and what this engine can
+    compute (corrected word probabilities need the target-only path, and two more prompt
+    logprobs per position than the alternatives asked for)."""
+    scoring.limits.check_top_logprobs(work.top_logprobs, work.top_logprobs_field)
+    scoring.limits.check_jobs(work.jobs, work.rolling)
+    if not work.corrected_words:
+        return
+    if scoring.words_problem is not None:
+        raise RequestError("loglikelihood.word_probability", scoring.words_problem)
+    if work.top_logprobs + 2 > scoring.max_logprobs:
+        raise RequestError(
+            work.top_logprobs_field,
+            f"{work.top_logprobs_field} is {work.top_logprobs}; with corrected words the engine "
+            f"computes two more prompt logprobs per position, and its max_logprobs is "
+            f"{scoring.max_logprobs}: at most {max(scoring.max_logprobs - 2, 0)} here "
+            "(or start the server with a larger --max-logprobs)",
+        )
 
 
 class NotScorable(RequestError):
@@ -38,38 +69,6 @@ def options_of(request: Any) -> LoglikelihoodOptions:
     """The field's options; `true` is the object with every default."""
     value = request.loglikelihood
     return value if isinstance(value, LoglikelihoodOptions) else LoglikelihoodOptions()
-
-
-def check_common(request: Any, options: LoglikelihoodOptions, scoring: ServerScoring) -> None:
-    if request.stream:
-        raise RequestError(
-            "stream",
-            "loglikelihood cannot be combined with stream: true; send the request without "
-            "streaming",
-        )
-    check_continuations(options, scoring.limits.max_continuations)
-    scoring.limits.check_request(request)
-
-
-def top_logprobs_of(
-    scoring: ServerScoring, options: LoglikelihoodOptions, fallback: int | None, name: str
-) -> int:
-    """The alternatives per token: the field's own `top_logprobs`, else the request's `name`
-    (which the compact response ignores: it lists no tokens)."""
-    if options.top_logprobs is not None:
-        scoring.limits.check_top_logprobs(options.top_logprobs, "loglikelihood.top_logprobs")
-        if options.top_logprobs and not options.content:
-            raise RequestError(
-                "loglikelihood.top_logprobs",
-                "loglikelihood.top_logprobs needs loglikelihood.content: true; the compact "
-                "response (content: false) lists no tokens",
-            )
-        return options.top_logprobs
-    if not options.content:
-        return 0
-    k = fallback or 0
-    scoring.limits.check_top_logprobs(k, name)
-    return max(k, 0)
 
 
 async def adapter_of(request: Any, serving: Any) -> Any:
