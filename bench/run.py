@@ -33,10 +33,12 @@ on the Python standard library's source, bf16) in `.cache/bench-model`, then mea
     before every question, letters as choices), against `--model vllm`;
 14. lm-eval's own `local-completions` (echo scoring, one request per pair) on row 10's task,
     against the plugin's server (echo acceleration) and against plain vLLM;
-15. the same on row 13's 5-shot MMLU-shaped task.
+15. the same on row 13's 5-shot MMLU-shaped task;
+16. words: corrected word scores (`loglikelihood.words`) of long documents in rolling windows,
+    against the token scores of the same documents, on the same server.
 
 Each family of rows is a module of its own, which a newcomer can read whole: `server_rows.py`
-(1, 2, 4, 5, 6), `offline_rows.py` (3, 7), `batch_rows.py` (9), `lm_eval_rows.py` (8, 10, 11,
+(1, 2, 4, 5, 6, 16), `offline_rows.py` (3, 7), `batch_rows.py` (9), `lm_eval_rows.py` (8, 10, 11,
 13), `token_responses.py` (12), `echo_rows.py` (14, 15); what they share (the sizes, the model, servers, timing, a row in
 a process of its own) is in `common.py`. This script runs them and prints the table.
 
@@ -49,7 +51,7 @@ Every row runs in the dtype that the CPU runs natively: bfloat16 where the CPU h
 and a ratio would measure the emulation); the JSON records the dtype and the CPU's model and
 flags. `--only KEY[,KEY]` re-runs some rows (keys of the JSON: `offline`, `server`,
 `multiple_choice`, `offline_multiple_choice`, `batch`, `lm_eval`, `lm_eval_offline`,
-`token_responses`, `echo`, `memory_large_vocab`) and keeps
+`token_responses`, `echo`, `memory_large_vocab`, `words`) and keeps
 the others' figures from the existing JSON.
 Prints a markdown table and writes the figures as JSON (`bench/latest.json`, or `--json PATH`).
 `--smoke` runs the same code on the tiny test model with a few prompts, to keep this script
@@ -135,7 +137,8 @@ def main() -> None:
 
     out = args.json or (ROOT / "bench" / ("latest.json" if size.name == "full" else "smoke.json"))
     keys = ["offline", "server", "multiple_choice", "offline_multiple_choice", "batch",
-            "lm_eval", "lm_eval_offline", "token_responses", "echo", "memory_large_vocab"]  # fmt: skip
+            "lm_eval", "lm_eval_offline", "token_responses", "echo", "memory_large_vocab",
+            "words"]  # fmt: skip
     # The smoke run leaves out row 5 on a 131k vocabulary: a server of its own, around a
     # 131k-vocabulary model, whose measuring code is row 5's.
     default = [k for k in keys if not (args.smoke and k == "memory_large_vocab")]
@@ -177,6 +180,8 @@ def main() -> None:
         results["echo"] = echo_rows.echo_rows(model, size, dtype)
     if "memory_large_vocab" in only:
         results["memory_large_vocab"] = server_rows.memory_large_vocab(size, dtype)
+    if "words" in only:
+        results["words"] = server_rows.words_row(model, dtype, size)
 
     text = table(results, size)
     results["table"] = text

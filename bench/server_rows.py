@@ -1,4 +1,4 @@
-"""Rows 1, 2, 4, 5 and 6: the server against vLLM's native path and plain prefill.
+"""Rows 1, 2, 4, 5, 6 and 16: the server against vLLM's native path and plain prefill.
 
 1. the `loglikelihood` field against vLLM's native `prompt_logprobs=0`, same server;
 2. the `loglikelihood` field against plain prefill (`max_tokens=1`, no logprobs);
@@ -7,7 +7,9 @@
 5. memory: peak RSS of the server's process tree while scoring one 8,000-token prompt with
    `top_logprobs=5`, against plain prefill of the same prompt;
 6. front-end: the API-server process's own CPU time per scored position (psutil; the engine
-   core is a process of its own), the plugin against native `prompt_logprobs`, at k = 0 and 5.
+   core is a process of its own), the plugin against native `prompt_logprobs`, at k = 0 and 5;
+16. words: corrected word scores of long documents against token scores of the same documents,
+   on the same server.
 """
 
 from __future__ import annotations
@@ -51,6 +53,32 @@ def server_rows(server: ApiServer, model: str, size: Size) -> dict:
                 (entry,) = r["choices"][0]["loglikelihood"]
                 assert entry["num_tokens"] == size.prompt_len - 1 == len(entry["content"])
     return out
+
+def words_row(model: str, dtype: str, size: Size) -> dict:
+    """Row 16: corrected word scores of long documents (token ids, `scope: rolling`, several
+    windows each) against the token scores of the same documents, on the same server, compact
+    responses; each side warmed up the same way, best of `size.repeats`."""
+    docs = token_prompts(model, size.rolling_docs, size.rolling_doc_len)
+    window = min(2048, size.rolling_doc_len // 2)
+    base = {"model": "bench", "max_tokens": 0}
+    bodies = {
+        "tokens": [dict(base, prompt=d, loglikelihood={"scope": "rolling", "content": False})
+                   for d in docs],
+        "words": [dict(base, prompt=d, loglikelihood={"scope": "rolling", "content": False,
+                                                      "words": True}) for d in docs],
+    }  # fmt: skip
+    out: dict = {"docs": len(docs), "doc_tokens": size.rolling_doc_len, "window": window}
+    with serve(model, dtype, window, False, 8302, RESERVED) as server:
+        for name, requests in bodies.items():
+            timing = timed(server, requests, size)
+            out[name] = timing.wall
+            for r in timing.responses:
+                (entry,) = r["choices"][0]["loglikelihood"]
+                assert entry["num_tokens"] == size.rolling_doc_len
+                assert (name == "words") == ("words" in entry)
+        out["words_per_doc"] = len(entry["words"])
+    return out
+
 
 def multiple_choice(model: str, dtype: str, size: Size) -> dict:
     """Row 4: ours at each block size, then the native baseline once; each server has prefix
@@ -203,6 +231,14 @@ def table_rows(r: dict, size: Size) -> list[tuple[str, str, float, str, str]]:
                  f"{RESERVED} reserved, block {block_size}", mc["native"] / t, "≥ 4.5×",
                  f"{mc['native']:.2f} s vs {t:.2f} s, largest difference {mc['max_abs_diff']:.1e}")
             )  # fmt: skip
+    if "words" in r:
+        w = r["words"]
+        rows.append(
+            ("16. words: corrected word scores vs token scores, same server", f"{RESERVED} reserved",
+             w["words"] / w["tokens"], "≤ 1.1×",
+             f"{w['docs']} documents of {w['doc_tokens']} tokens ({w['words_per_doc']} words each) "
+             f"in {w['window']}-token windows: {w['words']:.2f} s vs {w['tokens']:.2f} s")
+        )  # fmt: skip
     for key in ("memory", "memory_large_vocab"):
         if key not in r:
             continue

@@ -11,11 +11,16 @@ import argparse
 import os
 
 
-def connect(description: str) -> tuple[object, str, argparse.Namespace]:
-    """An `openai` client, the served model's name, and the parsed arguments."""
+def connect(
+    description: str, options: dict[str, str] | None = None
+) -> tuple[object, str, argparse.Namespace]:
+    """An `openai` client, the served model's name, and the parsed arguments (with the
+    example's own `options`: flag -> default)."""
     import openai
 
     parser = argparse.ArgumentParser(description=description)
+    for flag, default in (options or {}).items():
+        parser.add_argument(flag, default=default)
     parser.add_argument(
         "--base-url", default=os.environ.get("OPENAI_BASE_URL", "http://127.0.0.1:8000/v1")
     )

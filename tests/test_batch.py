@@ -44,6 +44,9 @@ GOOD = [
      "loglikelihood": {"scope": "last_message"}},
     {"id": "chat-candidates", "messages": CHAT, "loglikelihood": {"continuations": ["Red.", "A dog."]}},
     {"id": "ids", "prompt": [1, 200, 300, 400], "loglikelihood": {"continuations": [" x"]}},
+    {"id": "words", "prompt": "The quick  brown fox,\tsaid Ωμέγα.", "loglikelihood": {"words": True}},
+    {"id": "doc-words", "prompt": LONG, "loglikelihood": {"scope": "rolling", "words": True,
+                                                          "word_probability": "tokens"}},
 ]  # fmt: skip
 BAD = [
     ("{not json", "not JSON"),
@@ -51,6 +54,8 @@ BAD = [
     (json.dumps({"id": "long", "prompt": "word " * 300, "loglikelihood": True}), "tokens long"),
     (json.dumps({"id": "opt", "prompt": "x", "loglikelihood": {"bogus": 1}}), "bogus"),
     (json.dumps({"id": "none", "loglikelihood": True}), "needs `prompt`"),
+    (json.dumps({"id": "w", "prompt": "Hello world", "loglikelihood": {"words": [[0, 3], [1, 4]]}}),
+     "loglikelihood.words[1] is [1, 4]: it starts before the end"),
 ]
 
 
@@ -71,20 +76,22 @@ def offline_scores(llm, body: dict) -> list[vllm_loglik.Score]:
     """The offline API's scores for a good body."""
     options = body.get("loglikelihood", True)
     options = options if isinstance(options, dict) else {}
+    kw = {"words": options.get("words", False),
+          "word_probability": options.get("word_probability", "corrected")}  # fmt: skip
     if "messages" in body:
         if "continuations" in options:
             return vllm_loglik.chat_loglikelihood(
-                llm, [body["messages"]], candidates=[options["continuations"]]
+                llm, [body["messages"]], candidates=[options["continuations"]], **kw
             )[0]
-        return vllm_loglik.chat_loglikelihood(llm, [body["messages"]])
+        return vllm_loglik.chat_loglikelihood(llm, [body["messages"]], **kw)
     prompt = body["prompt"]
     if options.get("scope") == "rolling":
-        return vllm_loglik.loglikelihood_rolling(llm, [prompt])
+        return vllm_loglik.loglikelihood_rolling(llm, [prompt], **kw)
     if "continuations" in options:
         if isinstance(prompt, list):
             return [None] * len(options["continuations"])  # checked by the server's tests
-        return vllm_loglik.loglikelihood(llm, [(prompt, c) for c in options["continuations"]])
-    return vllm_loglik.prompt_loglikelihood(llm, [prompt])
+        return vllm_loglik.loglikelihood(llm, [(prompt, c) for c in options["continuations"]], **kw)
+    return vllm_loglik.prompt_loglikelihood(llm, [prompt], **kw)
 
 
 def score(args: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -118,6 +125,15 @@ def check_output(records: list[dict], expected, llm) -> None:
             assert entry["num_bytes"] == num_bytes
             assert entry["bits_per_byte"] == pytest.approx(
                 -want.logprob / math.log(2) / num_bytes, rel=1e-4
+            )
+            if want.words is None:
+                assert "words" not in entry
+                continue
+            assert [(w["text"], w["offset"]) for w in entry["words"]] == [
+                (w.text, w.offset) for w in want.words
+            ]
+            assert [w["logprob"] for w in entry["words"]] == pytest.approx(
+                [w.logprob for w in want.words], abs=1e-4
             )
 
 

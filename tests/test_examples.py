@@ -45,6 +45,33 @@ def test_perplexity_example_offline_and_on_the_server(server, model_path):
     assert "offline:" in out and "server:" in out and "bits per byte" in out
 
 
+def test_word_surprisal_example_writes_its_csv_and_plot(server, tmp_path):
+    """The psycholinguist's example: a CSV of every word with its surprisal in bits, and a plot;
+    the numbers are the server's corrected word logprobs."""
+    import ast
+    import csv
+    import math
+
+    out = run(server, sys.executable, str(EXAMPLES / "word_surprisal.py"),
+              "--csv", str(tmp_path / "s.csv"), "--plot", str(tmp_path / "s.png"))  # fmt: skip
+    assert "most surprising:" in out
+    with open(tmp_path / "s.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    tree = ast.parse((EXAMPLES / "word_surprisal.py").read_text())
+    [story] = [ast.literal_eval(node.value) for node in tree.body
+               if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "STORY"]  # fmt: skip
+    assert [r["word"] for r in rows] == story.split()
+    assert all(story[int(r["offset"]):].startswith(r["word"]) for r in rows)
+    response = server.client().completions.create(
+        model="tiny", prompt=story, max_tokens=0, extra_body={"loglikelihood": {"words": True}}
+    )
+    words = response.choices[0].model_extra["loglikelihood"][0]["words"]
+    assert [float(r["surprisal_bits"]) for r in rows] == pytest.approx(
+        [-w["logprob"] / math.log(2) for w in words], rel=1e-6
+    )
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_batch_cli_example(server):
     out = run(server, "bash", str(EXAMPLES / "batch_cli.sh"), server.url)
     lines = [line for line in out.splitlines() if line.startswith("{")]

@@ -586,7 +586,7 @@ def test_words_on_the_server(family):
         ([[0, 300]], "loglikelihood.words[0]", "the text has"),
         ([[[0, 3]]], "loglikelihood.words", "one per continuation"),
         ([[3, 1]], "loglikelihood.words[0]", "need 0 <= start < end"),
-        ("yes", "loglikelihood", "loglikelihood.words"),
+        ("yes", "body.loglikelihood", "loglikelihood.words must be true, a list of"),
     ]:
         bad = httpx.post(family.server.url + "/v1/completions", headers=headers, json={
             "model": "tiny", "prompt": "Q:", "max_tokens": 0,

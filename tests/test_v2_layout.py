@@ -182,3 +182,30 @@ def test_a_client_leaving_during_the_retry_without_the_cache_aborts_it(v2_server
     assert response.status_code == 200
     print(f"\nretry: left at {left_at:,.0f} computed tokens; {done:,.0f} of "
           f"{warm_up + retry:,} computed in all")
+
+
+def test_words_on_v2_plain_sums_and_corrected_refused(v2_server, llm):
+    """Where the target-only path does not run (here: turned off, as on a GPU's V2 runner),
+    word scores as plain sums are read from vLLM's own prompt logprobs in V2's layout, and
+    `corrected` is a 400 that says why and what to do, never an uncorrected number."""
+    context, conts = LONG_CONTEXT, [" Paris is nice", " a city, and a river."]
+    body = {"model": MODEL, "prompt": context, "max_tokens": 0,
+            "loglikelihood": {"continuations": conts, "words": True, "word_probability": "tokens"}}
+    response = post(v2_server, "/v1/completions", body, key=None)
+    assert response.status_code == 200, response.text
+    got = [LoglikelihoodEntry.model_validate(e) for e in response.json()["choices"][0]["loglikelihood"]]
+    offline = vllm_loglik.loglikelihood(
+        llm, [(context, c) for c in conts], words=True, word_probability="tokens"
+    )
+    for entry, score in zip(got, offline, strict=True):
+        assert [(w.text, w.num_tokens) for w in entry.words] == [(w.text, w.num_tokens) for w in score.words]
+        for w, s in zip(entry.words, score.words, strict=True):
+            assert abs(w.tokens_logprob - s.tokens_logprob) < 1e-4 and w.logprob == w.tokens_logprob
+    body["loglikelihood"]["word_probability"] = "corrected"
+    refused = post(v2_server, "/v1/completions", body, key=None)
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert error["param"] == "loglikelihood.word_probability"
+    assert "VLLM_USE_V2_MODEL_RUNNER=0" in error["message"] and "'tokens'" in error["message"]
+    assert "turned off" in error["message"]
+    assert v2_server.alive()

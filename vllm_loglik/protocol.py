@@ -127,6 +127,11 @@ def parse_loglikelihood(value: Any) -> LoglikelihoodField:
             str(p) if not isinstance(p, str) or len(p) <= 32 else excerpt(p, 32)
             for p in ("loglikelihood", *err["loc"])
         )
+        if err["loc"][:1] == ("words",):
+            raise ValueError(
+                "loglikelihood.words must be true, a list of [start, end] character offsets, "
+                "or (several continuations) one such list per continuation"
+            ) from None
         if err["type"] == "extra_forbidden":
             raise ValueError(
                 f"{where} is not a loglikelihood option (known: continuations, scope, "

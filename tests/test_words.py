@@ -1,0 +1,153 @@
+"""Word scores: the layout of words on tokens (no engine), and a peer, minicons, run itself.
+
+The numbers against a transformers reference, on every tokenizer family and every mode, offline
+and on the server, are in tests/test_tokenizers.py (`test_words_*`), with that module's engines.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+import vllm_loglik
+from vllm_loglik.tokenization import Tokenization
+from vllm_loglik.words import (
+    WordLayout,
+    WordsError,
+    boundary_ids,
+    check_offsets,
+    layout,
+    log1mexp,
+    text_words,
+    word_scores,
+)
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tokens(ref):
+    return Tokenization(ref.tokenizer)
+
+
+def test_text_words_are_runs_of_non_whitespace():
+    text = '  "Why?" she\u3000asked.\t42\n🙂 東京の空  '
+    assert [text[s:e] for s, e in text_words(text)] == text.split()
+    assert text_words("") == [] and text_words(" \n\t") == []
+
+
+def test_offsets_are_checked_with_the_field_named():
+    assert check_offsets([[0, 3], [4, 6]]) == [(0, 3), (4, 6)]
+    for value, field, message in [
+        ([[0, 3], [2, 5]], "loglikelihood.words[1]", "starts before the end"),
+        ([[3, 3]], "loglikelihood.words[0]", "need 0 <= start < end"),
+        ([[0, True]], "loglikelihood.words[0]", "pair of character offsets"),
+        ([[0, 1, 2]], "loglikelihood.words[0]", "pair of character offsets"),
+    ]:
+        with pytest.raises(WordsError, match=message) as e:
+            check_offsets(value)
+        assert e.value.field == field
+    with pytest.raises(ValueError, match="non-empty list"):
+        check_offsets([])
+
+
+def test_boundary_set_is_whitespace_first_and_special(tokens):
+    ids = boundary_ids(tokens)
+    assert tokens.tokenizer.eos_token_id in ids and tokens.tokenizer.bos_token_id in ids
+    space = tokens.encode_plain(" the")[0]
+    word = tokens.encode_plain("the")[0]
+    assert space in ids and word not in ids
+    # A piece that starts with a UTF-8 continuation byte (0x85, 0xA0: parts of other
+    # characters) does not start with whitespace, though chr(0x85) is Python whitespace.
+    for i in range(tokens.vocab_size):
+        if tokens.piece_bytes(i)[:1] in (b"\x85", b"\xa0"):
+            assert i not in ids
+
+
+def test_layout_merges_words_that_share_a_token_and_checks_user_words(tokens):
+    text = "Hello world"
+    ids = tokens.encode_plain(text)
+    trims = [False] * len(ids)
+    placed = layout(tokens, text, ids, trims, True, True)
+    assert [w.text for w in placed.words] == ["Hello", "world"]
+    assert placed.words[0].first == 0 and placed.words[-1].last == len(ids) - 1
+    # A user's word inside a token: refused, with the token named.
+    first = tokens.token(ids[0])[0]
+    if len(first) >= 2:
+        with pytest.raises(WordsError, match="splits the token") as e:
+            layout(tokens, text, ids, trims, [(0, 1)], True)
+        assert e.value.field == "loglikelihood.words[0]"
+    with pytest.raises(WordsError, match="the text has 11 characters"):
+        layout(tokens, text, ids, trims, [(0, 12)], True)
+
+
+def test_word_scores_arithmetic():
+    from vllm_loglik.words import Word
+
+    words = WordLayout((Word("a", 0, 0, 1, True, False), Word("b", 2, 2, 2, False, True)), True)
+    lps, starts, ends = [-1.0, -2.0, -3.0], [-0.5, -0.1, -0.7], [-0.2, -0.3, -0.4]
+    a, b = word_scores(words, lps, starts, ends)
+    assert a.tokens_logprob == -3.0 and a.logprob == pytest.approx(-3.0 + -0.3 - -0.5)
+    assert b.logprob == pytest.approx(-3.0 - log1mexp(-0.7)) and b.num_tokens == 1
+    plain = word_scores(WordLayout(words.words, False), lps, None, None)
+    assert [w.logprob for w in plain] == [-3.0, -3.0]
+    assert log1mexp(-1e-9) == pytest.approx(math.log(1e-9), rel=1e-6)
+    assert log1mexp(-50.0) == pytest.approx(-math.exp(-50.0), rel=1e-6)
+
+
+MINICONS_TEXTS = [
+    "The quick brown fox jumps over the lazy dog, said Ωμέγα.",
+    "Tulips grew in the old garden behind the mill, and nobody knew why.",
+]
+
+
+def test_minicons_word_scores_equal_ours_as_plain_sums(llm, model_path):
+    """minicons' `word_score_tokenized` (uncorrected: the plain sum of each word's tokens) on
+    the demo model, against `word_probability: "tokens"`, on the words where its alignment (it
+    tokenizes each word alone) gives the same tokens as the text in context."""
+    from minicons import scorer
+
+    lm = scorer.IncrementalLMScorer(model_path, device="cpu")
+    theirs = lm.word_score_tokenized(MINICONS_TEXTS, tokenize_function=str.split)
+    spans, _ = lm.word_spans_tokenized(MINICONS_TEXTS, str.split)
+    ours = vllm_loglik.prompt_loglikelihood(llm, MINICONS_TEXTS, words=True, word_probability="tokens")
+    compared = 0
+    for text, their_words, their_spans, score in zip(MINICONS_TEXTS, theirs, spans, ours, strict=True):
+        assert [w for w, _ in their_words] == [w.text for w in score.words] == text.split()
+        at = 0
+        for (word, value), (s, e), w in zip(their_words, their_spans, score.words, strict=True):
+            if (s, e) == (at, at + w.num_tokens):  # the same tokens
+                assert w.tokens_logprob == pytest.approx(value, abs=TOL), word
+                assert w.logprob == w.tokens_logprob
+                compared += 1
+            at += w.num_tokens
+    assert compared >= 15  # of 23 words
+
+
+def test_words_across_prefill_chunks_equal_the_reference(llm, ref):
+    """40 prompts of 127 tokens in one call: the engine's step (4,096 tokens) splits one of
+    them between two chunks, so its P_B after the first chunk's last row comes from the next
+    chunk. Every word of every prompt against transformers."""
+    from types import SimpleNamespace
+
+    from vllm_loglik.testing import default_corpus
+
+    from . import words_reference as wr
+
+    family = SimpleNamespace(ref=ref, hf=ref.tokenizer, mistral=None)
+    boundary = wr.boundary_ids(family, ref.model.config.vocab_size)
+    corpus = default_corpus().split()
+    prompts = []
+    for i in range(40):
+        ids = ref.tokenizer.encode(" ".join(corpus[i * 7 :]))[:127]
+        prompts.append(ids)
+    scores = vllm_loglik.prompt_loglikelihood(llm, prompts, words=True)
+    assert sum(len(p) for p in prompts) > 4096
+    for ids, score in zip(prompts, scores, strict=True):
+        r = wr.rows(family, ids, 1, boundary)
+        expected = wr.words(score.text, score.token_ids, [bytes(t.bytes) for t in score.tokens],
+                            r, boundary, wr.piece_reader(family))  # fmt: skip
+        assert [w.text for w in score.words] == [w.text for w in expected]
+        assert [w.logprob for w in score.words] == pytest.approx([w.logprob for w in expected], abs=TOL)
+        assert all(math.isfinite(w.logprob) for w in score.words)
