@@ -185,6 +185,10 @@ class WordsError(ValueError):
         self.field = field
 
 
+def _text(part: bytes | str) -> str:
+    return part if isinstance(part, str) else part.decode("utf-8", errors="replace")
+
+
 def _char_bytes(text: str) -> list[int]:
     """The UTF-8 byte offset of each character of `text`, and of its end."""
     out = [0]
@@ -215,18 +219,24 @@ def layout(
         at += len(p)
         ends.append(at)
     starts = [e - len(p) for e, p in zip(ends, pieces)]
-    scored = b"".join(pieces)
-    data = text.encode("utf-8", errors="surrogatepass")
-    shift_chars = 0
+    scored: bytes | str = b"".join(pieces)
+    data: bytes | str = text.encode("utf-8", errors="surrogatepass")
     base = scored.find(data) if data else 0
-    if base < 0:  # a template that strips the message's content
+    char_at = _char_bytes(text)
+    if base < 0 and scored.decode("utf-8", errors="replace") == text:
+        # Token ids that split a character (the text shows U+FFFD there): the tokens are laid
+        # on the text's characters instead of its bytes, each token from the first character
+        # its bytes reach to the last.
+        reach = [len(scored[:e].decode("utf-8", errors="replace")) for e in ends]
+        ends, starts = reach, [0, *reach[:-1]]
+        scored, data, base, char_at = text, text, 0, list(range(len(text) + 1))
+    elif base < 0:  # a template that strips the message's content
         stripped = text.strip()
         shift_chars = text.find(stripped) if stripped else 0
         base = scored.find(stripped.encode("utf-8")) if stripped else -1
         if base < 0:
             raise ValueError("the scored tokens do not spell the text, so its words cannot be located")
         base -= len(text[:shift_chars].encode("utf-8"))
-    char_at = _char_bytes(text)
     user = words is not True
     spans = text_words(text) if not user else list(words)  # type: ignore[arg-type]
     out: list[Word] = []
@@ -243,9 +253,9 @@ def layout(
             continue
         if user:
             lo, hi = max(starts[first], base), min(ends[last], base + len(data))
-            outside = scored[lo:ws] + scored[we:hi]
-            if outside.decode("utf-8", errors="replace").strip():
-                bad = first if scored[lo:ws].strip() else last
+            outside = _text(scored[lo:ws]) + _text(scored[we:hi])
+            if outside.strip():
+                bad = first if _text(scored[lo:ws]).strip() else last
                 raise WordsError(
                     where,
                     f"{where} ({text[cs:ce]!r}) splits the token {tokens.token(token_ids[bad])[0]!r} "
