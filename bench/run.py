@@ -55,7 +55,7 @@ flags. `--only KEY[,KEY]` re-runs some rows (keys of the JSON: `offline`, `serve
 the others' figures from the existing JSON.
 Prints a markdown table and writes the figures as JSON (`bench/latest.json`, or `--json PATH`).
 `--smoke` runs the same code on the tiny test model with a few prompts, to keep this script
-working (`make test` runs it); its figures mean nothing.
+working (`make soak` runs it); its figures mean nothing.
 """
 
 from __future__ import annotations

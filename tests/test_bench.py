@@ -1,8 +1,8 @@
 """The benchmark's smoke run: the same code as `make bench`, on the tiny model, a few prompts.
 
 Its timings mean nothing; it keeps `bench/run.py` working, and checks that the paths it
-compares give the same numbers (to 1e-4, in float32). `make test` runs the echo rows (`SHORT`:
-two servers, each alone); `make soak` runs every row.
+compares give the same numbers (to 1e-4, in float32). `make soak` runs it: the echo rows
+(`SHORT`: two servers, each alone, about 4 minutes here), and every row.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def check_echo(figures: dict, table: str) -> None:
     assert "≥ 3×" in table
 
 
+@pytest.mark.soak
 def test_bench_smoke_run_of_the_echo_rows(tmp_path):
     figures, table = smoke(tmp_path, SHORT)
     check_echo(figures, table)

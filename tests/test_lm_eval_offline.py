@@ -125,6 +125,7 @@ def test_agrees_with_the_hf_backend(ours, model_path, hf_bos):
     assert_metrics(results, ref_results, "loglik_rolling", ROLLING_METRICS)
 
 
+@pytest.mark.soak  # three engines and a Ray instance: 3 minutes here; make soak runs it
 def test_chat_template_and_two_data_parallel_replicas_equal_lm_evals_engine(
     model_path, tmp_path, vllm_dist_env
 ):
