@@ -36,6 +36,7 @@ ROWS = [
     {"id": "replies", "messages": CHAT, "loglikelihood": {"continuations": ["Red.", "A dog."]}},
     {"id": "too-long", "prompt": "word " * 300, "loglikelihood": {"scope": "prompt"}},
     {"id": "plain", "prompt": "The quick brown fox.", "loglikelihood": None},
+    {"id": "words", "prompt": "The quick  brown fox, Ωμέγα.", "loglikelihood": {"words": True}},
 ]  # fmt: skip
 
 
@@ -79,6 +80,11 @@ def test_map_batches_scores_rows_of_columns_as_the_offline_api(ray_address, mode
             assert entry["is_greedy"] == expected.is_greedy
             assert abs(entry["logprob"] - expected.logprob) <= 1e-4 * max(expected.num_tokens, 1)
             assert "content" not in entry  # compact, as the CLI's default
+            if expected.words is not None:  # word scores, as the offline API's
+                assert [w["text"] for w in entry["words"]] == [w.text for w in expected.words]
+                assert [w["logprob"] for w in entry["words"]] == pytest.approx(
+                    [w.logprob for w in expected.words], abs=1e-4
+                )
 
 
 def test_cli_ray_resumes_and_equals_the_in_process_run(in_process, ray_address, model_path, tmp_path):  # noqa: F811
@@ -104,9 +110,16 @@ def test_cli_ray_resumes_and_equals_the_in_process_run(in_process, ray_address, 
             assert got["error"] == want["error"]
             continue
         for a, b in zip(got["loglikelihood"], want["loglikelihood"], strict=True):
-            assert {k: v for k, v in a.items() if not isinstance(v, float)} == {
-                k: v for k, v in b.items() if not isinstance(v, float)
+            numbers = (float, list)  # a word list holds floats too
+            assert {k: v for k, v in a.items() if not isinstance(v, numbers)} == {
+                k: v for k, v in b.items() if not isinstance(v, numbers)
             }
+            assert [(w["text"], w["offset"]) for w in a.get("words", [])] == [
+                (w["text"], w["offset"]) for w in b.get("words", [])
+            ]
+            assert [w["logprob"] for w in a.get("words", [])] == pytest.approx(
+                [w["logprob"] for w in b.get("words", [])], abs=1e-4
+            )
             assert a["logprob"] == pytest.approx(b["logprob"], abs=1e-4 * a["num_tokens"])
             assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-4)
 

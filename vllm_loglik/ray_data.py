@@ -129,6 +129,10 @@ class LoglikelihoodScorer:
             llm.llm_engine.engine_core.shutdown()
 
 
+#: The fields of an entry that only some entries have (`words` when asked for).
+ENTRY_OPTIONAL = ("words", "words_left_out")
+
+
 def batch_rows(batch: Any) -> list[dict[str, Any]]:
     """The rows of a Ray Data batch (`pyarrow`, `pandas` or `numpy` format) as plain Python."""
     if hasattr(batch, "to_pylist"):  # pyarrow.Table
@@ -237,7 +241,13 @@ def run_ray(
             if row["error"] is not None:
                 record["error"] = {k: v for k, v in row["error"].items() if v is not None}
             else:
-                record["loglikelihood"] = row["loglikelihood"]
+                # Arrow gives every entry of a batch the same fields: those that only some
+                # entries have (word scores) are null in the others, and left out here, as
+                # the CLI's own run writes them.
+                record["loglikelihood"] = [
+                    {k: v for k, v in entry.items() if v is not None or k not in ENTRY_OPTIONAL}
+                    for entry in row["loglikelihood"]
+                ]
             emit(record)
 
 
