@@ -80,31 +80,28 @@ class WordLayout:
     left_out: int = 0
 
 
-def _is_space_start(data: bytes) -> bool:
-    """Whether `data` (a token's bytes) starts with a whitespace character."""
+def _edge_is_space(data: bytes, at_end: bool) -> bool:
+    """Whether the first (or last) whole character of `data`, a token's bytes, is whitespace:
+    a lone UTF-8 lead or continuation byte is part of another character, never whitespace."""
     if not data:
         return False
-    if data[0] < 0x80:
-        return chr(data[0]).isspace()
+    byte = data[-1] if at_end else data[0]
+    if byte < 0x80:
+        return chr(byte).isspace()
     for n in (2, 3, 4):  # a whole UTF-8 character: U+0085, U+00A0, U+2000.., U+3000
         try:
-            return data[:n].decode("utf-8").isspace()
+            return (data[-n:] if at_end else data[:n]).decode("utf-8").isspace()
         except UnicodeDecodeError:
             continue
     return False
+
+
+def _is_space_start(data: bytes) -> bool:
+    return _edge_is_space(data, at_end=False)
 
 
 def _is_space_end(data: bytes) -> bool:
-    if not data:
-        return False
-    if data[-1] < 0x80:
-        return chr(data[-1]).isspace()
-    for n in (2, 3, 4):
-        try:
-            return data[-n:].decode("utf-8").isspace()
-        except UnicodeDecodeError:
-            continue
-    return False
+    return _edge_is_space(data, at_end=True)
 
 
 def boundary_ids(tokens: Tokenization) -> list[int]:
