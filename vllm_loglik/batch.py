@@ -36,10 +36,13 @@ from typing import IO, Any
 from .engine_requests import corrected_words_problem, lora_mixing_unsafe, score_spans
 from .adapters import Adapters
 from .engine_stream import DEFAULT_BUDGET_TOKENS, EngineStream
+from . import openai_batch
 from .jobs import Job, Scorer
+from .openai_batch import BatchLine, NativeCompletion, NativeCompletions
 from .protocol import DEFAULT_MAX_CONTINUATIONS, parse_loglikelihood
 from .requests import (
     RequestError,
+    Translation,
     completion_prompts,
     max_continuations_from_env,
     translate_chat,
@@ -83,11 +86,18 @@ class Work:
     jobs: list[Job] = field(default_factory=list)
     top_logprobs: int = 0
     words: bool = False  # the engine computes word-boundary masses (corrected words)
+    content: bool = False  # entries carry per-token `content`
+    label: Any = None  # the index of a multiple-choice line's right continuation
+    openai: BatchLine | None = None  # a line of the OpenAI Batch format
+    native: NativeCompletion | None = None  # ... whose body vLLM's own handler answers
     error: dict[str, Any] | None = None
 
     @property
     def tokens(self) -> int:
+        if self.native is not None:
+            return self.native.tokens
         return sum(len(s.prompt_token_ids) for job in self.jobs for s in job.spans)
+
 
 
 def parse_line(
@@ -96,17 +106,44 @@ def parse_line(
     line: int,
     details: bool,
     max_continuations: int = DEFAULT_MAX_CONTINUATIONS,
+    native: NativeCompletions | None = None,
 ) -> Work:
     """The jobs of one input line (its JSON text, or the body already parsed), or a `Work`
-    holding the line's error."""
+    holding the line's error. With `native` (vLLM's completions on this engine), the line is
+    one of the OpenAI Batch format (`vllm_loglik.openai_batch`)."""
     work = Work(line)
     try:
+        if native is not None:
+            # An error in the line itself is still answered under its custom_id.
+            work.openai = openai_batch.BatchLine(openai_batch.custom_id_of(text), "", {})
+            work.openai = request = openai_batch.parse(text)
+            body, work.label = request.body, request.label
+            work.model = body.get("model")
+            if not request.scores:
+                if request.chat:
+                    raise RequestError(
+                        "body.loglikelihood", "a chat body without `loglikelihood` generates a "
+                        "reply, which vllm-loglik score in process does not do: add "
+                        "`loglikelihood`, or send the file with --server",
+                    )  # fmt: skip
+                work.native = native.prepare(body)
+                return work
+            if request.chat:  # the request's own alternatives, as the server reads them
+                logprobs = body.get("top_logprobs") if body.get("logprobs") else 0
+            else:
+                logprobs = body.get("logprobs")
+            translation = translate_body(scorer, body, max_continuations, logprobs, request.chat)
+            work.content = translation.content
+            work.jobs, work.top_logprobs = translation.jobs, translation.top_logprobs
+            work.words = translation.corrected_words
+            return work
         body = text if isinstance(text, dict) else load_body(text)
-        work.id = body.get("id")
+        work.id, work.label = body.get("id"), body.get("label")
         work.model = body.get("model")
         work.jobs, work.top_logprobs, work.words = body_jobs(
             scorer, body, details, max_continuations
         )
+        work.content = details
     except RequestError as e:
         work.error = {"message": str(e)}
         if e.param:
@@ -130,6 +167,15 @@ def body_jobs(
 ) -> tuple[list[Job], int, bool]:
     """The jobs of a request body (the server's one translation, `vllm_loglik.requests`), the
     alternatives per token to compute, and whether the engine computes word-boundary masses."""
+    work = translate_body(scorer, body, max_continuations, None, "messages" in body)
+    return work.jobs, work.top_logprobs if details else 0, work.corrected_words
+
+
+def translate_body(
+    scorer: Scorer, body: dict[str, Any], max_continuations: int, logprobs: Any, chat: bool
+) -> Translation:
+    """The server's translation of a body (`logprobs`: the request's own alternatives per
+    token, which the field's options may take)."""
     try:
         options = parse_loglikelihood(body.get("loglikelihood", True))
     except ValueError as e:
@@ -138,9 +184,11 @@ def body_jobs(
         raise RequestError("loglikelihood", "loglikelihood is false: the line asks for no score")
     if options is True or options is None:
         options = parse_loglikelihood({})
-    if "messages" in body:
-        work = translate_chat(
-            scorer, options, body["messages"], None, max_continuations,
+    if chat:
+        if "messages" not in body:
+            raise RequestError("messages", "a chat body needs `messages`")
+        return translate_chat(
+            scorer, options, body["messages"], logprobs, max_continuations,
             chat_template_kwargs=body.get("chat_template_kwargs"),
             add_generation_prompt=body.get("add_generation_prompt", True),
             continue_final_message=body.get("continue_final_message", False),
@@ -151,8 +199,7 @@ def body_jobs(
         prompts = completion_prompts(body["prompt"])
         if len(prompts) != 1:
             raise RequestError("prompt", "one prompt per line: put each prompt of a batch on a line")
-        work = translate_completion(scorer, options, prompts[0], None, max_continuations)
-    return work.jobs, work.top_logprobs if details else 0, work.corrected_words
+        return translate_completion(scorer, options, prompts[0], logprobs, max_continuations)
 
 
 def compact(entry: dict[str, Any]) -> dict[str, Any]:
@@ -166,18 +213,47 @@ def compact(entry: dict[str, Any]) -> dict[str, Any]:
     return entry
 
 
-def score_record(work: Work, scores: list[Score], details: bool) -> dict[str, Any]:
+def score_record(work: Work, scores: list[Score], model: str) -> dict[str, Any]:
     from .protocol import entry_from_score
 
-    return {
+    if work.openai is not None:
+        entries = [entry_from_score(i, s, work.content) for i, s in enumerate(scores)]
+        n = work.openai.body.get("n")
+        prompt_tokens = sum(len(s.prompt_token_ids) for job in work.jobs for s in job.spans)
+        body = openai_batch.scores_body(
+            work.openai.chat, work.model or model, entries, prompt_tokens,
+            n if isinstance(n, int) and n > 0 else 1,
+        )  # fmt: skip
+        return openai_record(work, body)
+    record = {
         "id": work.id,
         "line": work.line,
-        "loglikelihood": [compact(entry_from_score(i, s, details)) for i, s in enumerate(scores)],
-    }
+        "loglikelihood": [compact(entry_from_score(i, s, work.content))
+                          for i, s in enumerate(scores)],
+    }  # fmt: skip
+    return labelled(record, work.label)
+
+
+def labelled(record: dict[str, Any], label: Any) -> dict[str, Any]:
+    if label is not None:
+        record["label"] = label
+    return record
+
+
+def openai_record(work: Work, body: dict[str, Any], status: int = 200) -> dict[str, Any]:
+    """An output line of the OpenAI Batch format (with the `line` that orders it, which the
+    writer leaves out)."""
+    custom_id = work.openai.custom_id if work.openai is not None else None
+    record = openai_batch.output_line(custom_id, body, status)
+    return labelled({"line": work.line, **record}, work.label)
 
 
 def error_record(work: Work) -> dict[str, Any]:
-    return {"id": work.id, "line": work.line, "error": work.error}
+    if work.openai is not None:
+        error = work.error or {}
+        body = openai_batch.error_body(error.get("message", ""), error.get("param"))
+        return openai_record(work, body, 400)
+    return labelled({"id": work.id, "line": work.line, "error": work.error}, work.label)
 
 
 # ---------------------------------------------------------------- output: order, resume
@@ -211,7 +287,9 @@ class OrderedWriter:
         written = 0
         while self.next in self.waiting:
             rec = self.waiting.pop(self.next)
-            self.failed += "error" in rec
+            if "custom_id" in rec:  # the OpenAI Batch format has no `line`
+                rec = {k: v for k, v in rec.items() if k != "line"}
+            self.failed += rec.get("error") is not None
             self.out.write(json.dumps(rec, ensure_ascii=False) + "\n")
             self.next += 1
             written += 1
@@ -272,6 +350,9 @@ class Progress:
 
 
 def scored_tokens(record: dict[str, Any]) -> int:
+    if "custom_id" in record:
+        body = (record.get("response") or {}).get("body") or {}
+        return ((body.get("usage") or {}).get("prompt_tokens")) or 0
     return sum(e["num_tokens"] for e in record.get("loglikelihood") or [])
 
 
@@ -288,13 +369,17 @@ def run_engine(
     details: bool,
     budget_tokens: int = DEFAULT_BUDGET_TOKENS,
     adapters: Adapters | None = None,
+    openai: bool = False,
 ) -> None:
     """Score `lines` on `llm`'s engine, keeping about `budget_tokens` in flight; each line's
     record goes to `emit` as soon as it is done. A line's `model` picks the base model or one
-    of `adapters` (by default, the base model only)."""
+    of `adapters` (by default, the base model only). With `openai`, the lines are in the
+    OpenAI Batch format (`vllm_loglik.openai_batch`)."""
     from .offline import scorer_for
 
     scorer = scorer_for(llm)
+    native = NativeCompletions(llm) if openai else None
+    model = served_name(llm)
     adapters = adapters or Adapters.of(llm)
     stream = EngineStream(llm)
     works: dict[int, Work] = {}
@@ -323,7 +408,7 @@ def run_engine(
                     except StopIteration:
                         more = False
                         break
-                    work = parse_line(scorer, text, n, details, max_continuations)
+                    work = parse_line(scorer, text, n, details, max_continuations, native)
                     if work.words and words_problem is not None and work.error is None:
                         work.error = {
                             "message": words_problem, "param": "loglikelihood.word_probability"
@@ -341,36 +426,50 @@ def run_engine(
                     break
                 kind = lora_request is not None
                 n = work.line
-                spans = [span for job in work.jobs for span in job.spans]
-                protocol = score_spans(
-                    spans, work.top_logprobs, stream.block_size, f"line{n}", words=work.words
-                )
+                if work.native is not None:
+                    protocol = openai_batch.native_protocol(work.native, f"line{n}")
+                else:
+                    spans = [span for job in work.jobs for span in job.spans]
+                    protocol = score_spans(
+                        spans, work.top_logprobs, stream.block_size, f"line{n}", words=work.words
+                    )
                 works[n] = work
                 try:
                     rows = stream.submit(n, protocol, work.tokens, lora_request)
                 except ValueError as e:  # refused by the engine's own input checks
                     rows = e
                 if rows is not None:
-                    emit(finish(scorer, works.pop(n), rows, details))
+                    emit(finish(scorer, works.pop(n), rows, model, native))
             for n, rows in stream.step() if stream.active else []:
-                emit(finish(scorer, works.pop(n), rows, details))
+                emit(finish(scorer, works.pop(n), rows, model, native))
     finally:
         stream.abort()
 
 
+def served_name(llm: Any) -> str:
+    """The model's name in responses: the first `--served-model-name`, else the model."""
+    config = llm.llm_engine.model_config
+    served = config.served_model_name
+    return (served[0] if isinstance(served, (list, tuple)) else served) or config.model
+
+
 def finish(
-    scorer: Scorer, work: Work, rows: list[Any] | Exception, details: bool
-) -> dict[str, Any]:
+    scorer: Scorer, work: Work, rows: list[Any] | Exception, model: str,
+    native: NativeCompletions | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """The record of a line from its protocol's rows, or from the exception it ended with."""
     if isinstance(rows, Exception):
         work.error = {"message": f"{type(rows).__name__}: {rows}"}
         return error_record(work)
+    if work.native is not None:
+        assert native is not None
+        return openai_record(work, native.response(work.native, rows, work.model or model))
     scored = iter(rows)
     scores = [
-        scorer.finish(job, [next(scored) for _ in job.spans], work.top_logprobs, details)
+        scorer.finish(job, [next(scored) for _ in job.spans], work.top_logprobs, work.content)
         for job in work.jobs
     ]
-    return score_record(work, scores, details)
+    return score_record(work, scores, model)
 
 
 def run_server(
@@ -382,6 +481,7 @@ def run_server(
     concurrency: int,
     api_key: str | None,
     retry_seconds: float = DEFAULT_RETRY_SECONDS,
+    openai: bool = False,
 ) -> None:
     """Score `lines` through a server with the plugin: each line is POSTed as it is, with
     `max_tokens: 0`, the compact response unless `details`, and `model` (the line's own, an
@@ -390,7 +490,11 @@ def run_server(
     A line that gets no answer (the connection refused or dropped) or a server error (5xx) is
     sent again, with a growing pause, for up to `retry_seconds`: a server that restarts within
     that time loses the run nothing. After it, `ServerUnavailable`: the lines before are
-    written, that line and those after it are not, and the next run resumes there."""
+    written, that line and those after it are not, and the next run resumes there.
+
+    With `openai`, the lines are in the OpenAI Batch format: each body goes to its `url` (a
+    scoring body with `max_tokens: 0`, any other as it is), and the server's answer, whatever
+    its status, is the output line's `response`."""
     import asyncio
 
     import httpx
@@ -413,7 +517,10 @@ def run_server(
                 while (item := await queue.get()) is not None:
                     check_stop()
                     n, text = item
-                    emit(await score_remote(sender, name, n, text, details))
+                    if openai:
+                        emit(await send_openai(sender, name, n, text))
+                    else:
+                        emit(await score_remote(sender, name, n, text, details))
 
             await asyncio.gather(produce(), *(consume() for _ in range(concurrency)))
 
@@ -491,6 +598,29 @@ async def score_remote(client: Any, model: str, n: int, text: str, details: bool
         return error_record(work)
     entries = data["choices"][0]["loglikelihood"]
     return {"id": work.id, "line": n, "loglikelihood": [compact(e) for e in entries]}
+
+
+async def send_openai(client: Any, model: str, n: int, text: str) -> dict[str, Any]:
+    """The output line of an OpenAI Batch line, answered by the server."""
+    work = Work(n, openai=openai_batch.BatchLine(openai_batch.custom_id_of(text), "", {}))
+    try:
+        work.openai = request = openai_batch.parse(text)
+    except RequestError as e:
+        work.error = {"message": str(e), "param": e.param}
+        return error_record(work)
+    work.label = request.label
+    body = dict(request.body)
+    if body.get("model") is None:
+        body["model"] = model
+    if request.scores:  # the CLI scores: nothing is generated
+        body["max_tokens"] = 0
+        body.pop("max_completion_tokens", None)
+    response = await client.post(request.url, body)
+    try:
+        data = response.json()
+    except ValueError:
+        data = openai_batch.error_body(response.text[:500], None, response.status_code)
+    return openai_record(work, data, response.status_code)
 
 
 #: Scores the input lines after the first `skip` (given), passing each record to `emit`.

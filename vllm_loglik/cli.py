@@ -150,13 +150,14 @@ def score_parser() -> Any:
 
 
 def run_score(args: list[str]) -> None:
-    from . import batch
+    from . import batch, openai_batch
 
     parsed = score_parser().parse_args(args)
     if parsed.model_tag:
         parsed.model = parsed.model_tag
     if not parsed.input.is_file():
         sys.exit(f"vllm-loglik score: no input file {parsed.input}")
+    openai = openai_batch.is_batch_file(parsed.input)  # the format, detected per file
     interrupted = False
 
     def stop(signum: int, frame: Any) -> None:
@@ -189,7 +190,7 @@ def run_score(args: list[str]) -> None:
                 batch.run_server(
                     parsed.server, parsed.model_tag, batch.input_lines(parsed.input, skip), emit,
                     parsed.details, parsed.concurrency, parsed.server_api_key,
-                    parsed.server_retry_seconds or batch.DEFAULT_RETRY_SECONDS,
+                    parsed.server_retry_seconds or batch.DEFAULT_RETRY_SECONDS, openai,
                 )  # fmt: skip
         elif parsed.ray:
             from vllm.engine.arg_utils import EngineArgs
@@ -205,7 +206,7 @@ def run_score(args: list[str]) -> None:
             def run(skip, emit):  # noqa: ANN001, ANN202
                 ray_data.run_ray(
                     parsed.input, skip, emit, engine_args, parsed.details, concurrency,
-                    num_gpus, parsed.ray_batch_size, budget, lora_modules,
+                    num_gpus, parsed.ray_batch_size, budget, lora_modules, openai,
                 )  # fmt: skip
         else:
             from vllm import LLM
@@ -218,7 +219,7 @@ def run_score(args: list[str]) -> None:
 
             def run(skip, emit):  # noqa: ANN001, ANN202
                 lines = batch.input_lines(parsed.input, skip)
-                batch.run_engine(llm, lines, emit, parsed.details, budget, adapters)
+                batch.run_engine(llm, lines, emit, parsed.details, budget, adapters, openai)
 
         failed = batch.score_file(parsed.input, parsed.output, run)
         interrupted = batch.STOP.is_set()  # stopped during the last line, after its record

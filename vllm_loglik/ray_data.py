@@ -70,6 +70,7 @@ class LoglikelihoodScorer:
         budget_tokens: int = DEFAULT_BUDGET_TOKENS,
         id_as_json: bool = False,
         lora_modules: Any = None,
+        openai: bool = False,
         **llm_kwargs: Any,
     ):
         from vllm import LLM
@@ -87,6 +88,7 @@ class LoglikelihoodScorer:
         self.json_column = json_column
         self.budget_tokens = budget_tokens
         self.id_as_json = id_as_json
+        self.openai = openai
 
     def __call__(self, batch: Any) -> dict[str, list[Any]]:
         rows = batch_rows(batch)
@@ -96,8 +98,13 @@ class LoglikelihoodScorer:
             records[record["line"]] = record
 
         run_engine(
-            self.llm, self._bodies(rows), emit, self.details, self.budget_tokens, self.adapters
-        )
+            self.llm, self._bodies(rows), emit, self.details, self.budget_tokens, self.adapters,
+            self.openai,
+        )  # fmt: skip
+        if self.openai:  # output lines of any shape: one JSON text column
+            return {"line": [row.get("line") for row in rows],
+                    "record": [json.dumps(records[i], ensure_ascii=False)
+                               for i in range(len(rows))]}  # fmt: skip
         out: dict[str, list[Any]] = {c: [] for c in COLUMNS}
         for i, row in enumerate(rows):
             record = records[i]
@@ -209,9 +216,12 @@ def run_ray(
     batch_size: int,
     budget_tokens: int,
     lora_modules: Any = None,
+    openai: bool = False,
 ) -> None:
     """Score the lines of `input_path` after the first `skip` through Ray Data, with
-    `concurrency` actors of one engine each; records reach `emit` in line order."""
+    `concurrency` actors of one engine each; records reach `emit` in line order. With
+    `openai`, the lines are in the OpenAI Batch format (each output line comes back as JSON
+    text: its shape varies with its body)."""
     import ray
 
     context = ray.data.DataContext.get_current()
@@ -228,6 +238,7 @@ def run_ray(
                 "budget_tokens": budget_tokens,
                 "id_as_json": True,  # ids of any JSON type, in one Arrow column
                 "lora_modules": lora_modules,
+                "openai": openai,
             },
             batch_format="pyarrow",
             batch_size=batch_size,
@@ -237,6 +248,9 @@ def run_ray(
     )
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         for row in batch.to_pylist():
+            if openai:
+                emit({**json.loads(row["record"]), "line": row["line"]})
+                continue
             record = {"id": json.loads(row["id"]), "line": row["line"]}
             if row["error"] is not None:
                 record["error"] = {k: v for k, v in row["error"].items() if v is not None}
