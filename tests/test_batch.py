@@ -240,3 +240,166 @@ def test_help_lists_our_flags_and_vllms_engine_flags():
     run = subprocess.run([CLI, "fingerprints"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "target_logprobs: verified" in run.stdout and "echo: verified" in run.stdout
+
+
+# ---------------------------------------------------------------- the OpenAI Batch format
+
+#: Bodies without `loglikelihood`: answered as vLLM answers them (echo scoring, a generated
+#: token with echo, plain generation at temperature 0).
+NATIVE = [
+    {"prompt": "The quick brown fox jumps over the lazy dog.", "echo": True, "logprobs": 3,
+     "max_tokens": 0},
+    {"prompt": "Ωμέγα and 🙂, said the fox.", "echo": True, "logprobs": 1, "max_tokens": 1,
+     "temperature": 0},
+    {"prompt": "Once upon a time", "max_tokens": 3, "temperature": 0, "logprobs": 2},
+]  # fmt: skip
+CHAT_GENERATES = {"messages": CHAT, "max_tokens": 2, "temperature": 0}
+
+
+def batch_line(custom_id: str, body: dict) -> str:
+    url = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body},
+                      ensure_ascii=False)  # fmt: skip
+
+
+def write_batch_input(path: Path, own_input: Path) -> list[str]:
+    """The mixed input of the CLI's own format, line for line in the OpenAI Batch format (a
+    line that is not JSON stays as it is), then the bodies without `loglikelihood` and the
+    format's own mistakes; the kinds of the lines."""
+    lines, kinds = [], []
+    for n, text in enumerate(own_input.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            body = json.loads(text)
+        except json.JSONDecodeError:
+            lines.append(text)
+            kinds.append("bad")
+            continue
+        body.pop("id", None)
+        if "loglikelihood" not in body:
+            body["loglikelihood"] = True  # the CLI's own format defaults to it
+        lines.append(batch_line(f"own-{n}", body))
+        kinds.append("own")
+    for i, body in enumerate(NATIVE):
+        lines.append(batch_line(f"native-{i}", body))
+        kinds.append("native")
+    lines.append(batch_line("chat-generates", CHAT_GENERATES))
+    kinds.append("chat-generates")
+    lines.append(json.dumps({"custom_id": "get", "method": "GET", "url": "/v1/completions", "body": {}}))
+    lines.append(json.dumps({"custom_id": "url", "method": "POST", "url": "/v1/embeddings",
+                             "body": {"input": "x"}}))  # fmt: skip
+    kinds += ["method", "url"]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return kinds
+
+
+@pytest.fixture(scope="module")
+def openai_batch_runs(in_process, server, model_path, tmp_path_factory):
+    """The OpenAI Batch input, scored in the CLI's process and through the server."""
+    folder, _, _ = in_process
+    out = tmp_path_factory.mktemp("openai-batch")
+    kinds = write_batch_input(out / "in.jsonl", folder / "in.jsonl")
+    local = score([model_path, "--input", str(out / "in.jsonl"), "--output",
+                   str(out / "local.jsonl"), *ENGINE_FLAGS])  # fmt: skip
+    remote = score(["--server", server.url, "--input", str(out / "in.jsonl"), "--output",
+                    str(out / "remote.jsonl")])  # fmt: skip
+    return out, kinds, local, remote
+
+
+def server_answer(server, body: dict) -> tuple[int, dict]:
+    import httpx
+
+    url = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    response = httpx.post(server.url + url, json={"model": "tiny", **body}, timeout=120,
+                          headers={"Authorization": f"Bearer {API_KEY}"})  # fmt: skip
+    return response.status_code, response.json()
+
+
+def same_answer(ours: dict, theirs: dict) -> None:
+    """The same response body, field by field (its id, time and model name aside), floats
+    within 1e-4."""
+    assert ours.keys() == theirs.keys()
+    # vLLM's version and a hash of the engine's configuration (which differ in their names)
+    assert ours["system_fingerprint"].split("-")[:2] == theirs["system_fingerprint"].split("-")[:2]
+    for key in ours.keys() - {"id", "created", "model", "system_fingerprint"}:
+        close(ours[key], theirs[key], key)
+
+
+def close(a, b, where: str) -> None:
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            close(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            close(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert abs(a - b) <= 1e-4, where
+    else:
+        assert a == b, where
+
+
+def test_openai_batch_format_gives_the_cli_formats_scores_line_for_line(in_process, openai_batch_runs):
+    folder, _, _ = in_process
+    out, kinds, local, remote = openai_batch_runs
+    assert local.returncode == 1 and remote.returncode == 1, (local.stderr[-2000:], remote.stderr[-2000:])
+    inputs = [json.loads(t) if k not in ("bad",) else None
+              for t, k in zip((out / "in.jsonl").read_text().splitlines(), kinds)]  # fmt: skip
+    own = read(folder / "out.jsonl")
+    for run in ("local", "remote"):
+        records = read(out / f"{run}.jsonl")
+        assert len(records) == len(kinds), run  # a line per input line, in order
+        for n, (record, kind) in enumerate(zip(records, kinds, strict=True)):
+            assert set(record) == {"id", "custom_id", "response", "error"}
+            if inputs[n] is not None:
+                assert record["custom_id"] == inputs[n]["custom_id"]
+            response = record["response"]
+            if kind in ("own", "bad") and n < len(own):
+                mine = own[n]
+                if "error" in mine or kind == "bad":
+                    assert response["status_code"] == 400 and record["error"]["message"], record
+                    assert response["body"]["error"]["message"] == record["error"]["message"]
+                    continue
+                assert response["status_code"] == 200 and record["error"] is None, record
+                entries = response["body"]["choices"][0]["loglikelihood"]
+                for x, y in zip(entries, mine["loglikelihood"], strict=True):
+                    assert (x["text"], x["num_tokens"], x["is_greedy"]) == (y["text"], y["num_tokens"], y["is_greedy"])
+                    assert abs(x["logprob"] - y["logprob"]) <= 1e-4 * x["num_tokens"]
+                    assert "content" in x  # the server's default: per-token content
+                    assert ("words" in x) == ("words" in y)
+            elif kind in ("method", "url"):
+                assert response["status_code"] == 400
+                assert record["error"]["param"] == kind
+    # The line that names no custom_id (not JSON) is answered in its place, under null.
+    assert [r["custom_id"] for r in read(out / "local.jsonl")].count(None) == kinds.count("bad")
+
+
+def test_openai_batch_bodies_without_loglikelihood_as_the_server_answers(server, openai_batch_runs):
+    out, kinds, _, _ = openai_batch_runs
+    for run in ("local", "remote"):
+        records = read(out / f"{run}.jsonl")
+        natives = [r for r, k in zip(records, kinds) if k == "native"]
+        for record, body in zip(natives, NATIVE, strict=True):
+            status, want = server_answer(server, body)
+            assert status == 200 and record["response"]["status_code"] == 200, (run, want, record)
+            same_answer(record["response"]["body"], want)
+        [chat] = [r for r, k in zip(records, kinds) if k == "chat-generates"]
+        if run == "local":  # no chat handler in the CLI's process: the error says what to do
+            assert chat["response"]["status_code"] == 400
+            assert "--server" in chat["error"]["message"]
+        else:
+            status, want = server_answer(server, CHAT_GENERATES)
+            assert chat["response"]["status_code"] == status == 200
+            assert chat["response"]["body"]["choices"][0]["message"] == want["choices"][0]["message"]
+
+
+def test_openai_batch_resumes_after_a_partial_last_line(openai_batch_runs, server, tmp_path):
+    out, kinds, _, _ = openai_batch_runs
+    full = (out / "remote.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    part = tmp_path / "out.jsonl"
+    part.write_text("".join(full[:4]) + full[4][:30], encoding="utf-8")
+    run = score(["--server", server.url, "--input", str(out / "in.jsonl"), "--output", str(part)])
+    assert run.returncode == 1, run.stderr[-2000:]
+    records = read(part)
+    assert part.read_text(encoding="utf-8").startswith("".join(full[:4]))
+    assert [r["custom_id"] for r in records] == [json.loads(x)["custom_id"] for x in full]

@@ -177,6 +177,17 @@ def _vllm_completion_pieces() -> tuple[Any, Any, Any]:
     return CompletionRequest, OpenAIServingCompletion, get_max_tokens
 
 
+def system_fingerprint(vllm_config: Any) -> str | None:
+    """The engine's `system_fingerprint`, as vLLM's handlers compute it at start-up (vLLM's
+    version and a hash of the engine's configuration); None where vLLM has no such function."""
+    try:
+        from vllm.entrypoints.serve.utils.fingerprint import get_system_fingerprint
+
+        return get_system_fingerprint(vllm_config)
+    except Exception:  # as vLLM's handlers: never fail over the fingerprint
+        return None
+
+
 @dataclass
 class NativeCompletion:
     """A `/v1/completions` body without `loglikelihood`, ready for the engine."""
@@ -207,7 +218,7 @@ class NativeCompletions:
         serving.enable_prompt_tokens_details = False
         serving.enable_per_request_metrics = False
         serving.return_tokens_as_token_ids = False
-        serving.system_fingerprint = None
+        serving.system_fingerprint = system_fingerprint(llm.llm_engine.vllm_config)
         self.serving = serving
 
     def prepare(self, body: dict[str, Any]) -> NativeCompletion:
