@@ -339,58 +339,65 @@ def close(a, b, where: str) -> None:
         assert a == b, where
 
 
+def check_batch_scores(path: Path, kinds: list[str], batch_input: Path, own_output: Path) -> None:
+    """An OpenAI Batch output: a line per input line, in order, under its custom_id, with the
+    scores of the CLI's own format for the same bodies, line for line, and its errors."""
+    inputs = [json.loads(t) if k != "bad" else None
+              for t, k in zip(batch_input.read_text().splitlines(), kinds)]  # fmt: skip
+    own = read(own_output)
+    records = read(path)
+    assert len(records) == len(kinds)
+    for n, (record, kind) in enumerate(zip(records, kinds, strict=True)):
+        assert set(record) == {"id", "custom_id", "response", "error"}
+        assert record["custom_id"] == (inputs[n]["custom_id"] if inputs[n] else None)
+        response = record["response"]
+        if kind in ("own", "bad"):
+            mine = own[n]
+            if "error" in mine:
+                assert response["status_code"] == 400 and record["error"]["message"], record
+                assert response["body"]["error"]["message"] == record["error"]["message"]
+                continue
+            assert response["status_code"] == 200 and record["error"] is None, record
+            entries = response["body"]["choices"][0]["loglikelihood"]
+            for x, y in zip(entries, mine["loglikelihood"], strict=True):
+                assert (x["text"], x["num_tokens"], x["is_greedy"]) == (y["text"], y["num_tokens"], y["is_greedy"])
+                assert abs(x["logprob"] - y["logprob"]) <= 1e-4 * x["num_tokens"]
+                assert "content" in x  # the server's default: per-token content
+                assert ("words" in x) == ("words" in y)
+        elif kind in ("method", "url"):
+            assert response["status_code"] == 400 and record["error"]["param"] == kind
+
+
+def check_batch_natives(path: Path, kinds: list[str], server, in_process: bool) -> None:
+    """The bodies without `loglikelihood` answered as the server answers them, field by field."""
+    records = read(path)
+    natives = [r for r, k in zip(records, kinds) if k == "native"]
+    for record, body in zip(natives, NATIVE, strict=True):
+        status, want = server_answer(server, body)
+        assert status == 200 and record["response"]["status_code"] == 200, (want, record)
+        same_answer(record["response"]["body"], want)
+    [chat] = [r for r, k in zip(records, kinds) if k == "chat-generates"]
+    if in_process:  # no chat handler in the CLI's process: the error says what to do
+        assert chat["response"]["status_code"] == 400
+        assert "--server" in chat["error"]["message"]
+    else:
+        status, want = server_answer(server, CHAT_GENERATES)
+        assert chat["response"]["status_code"] == status == 200
+        assert chat["response"]["body"]["choices"][0]["message"] == want["choices"][0]["message"]
+
+
 def test_openai_batch_format_gives_the_cli_formats_scores_line_for_line(in_process, openai_batch_runs):
     folder, _, _ = in_process
     out, kinds, local, remote = openai_batch_runs
     assert local.returncode == 1 and remote.returncode == 1, (local.stderr[-2000:], remote.stderr[-2000:])
-    inputs = [json.loads(t) if k not in ("bad",) else None
-              for t, k in zip((out / "in.jsonl").read_text().splitlines(), kinds)]  # fmt: skip
-    own = read(folder / "out.jsonl")
     for run in ("local", "remote"):
-        records = read(out / f"{run}.jsonl")
-        assert len(records) == len(kinds), run  # a line per input line, in order
-        for n, (record, kind) in enumerate(zip(records, kinds, strict=True)):
-            assert set(record) == {"id", "custom_id", "response", "error"}
-            if inputs[n] is not None:
-                assert record["custom_id"] == inputs[n]["custom_id"]
-            response = record["response"]
-            if kind in ("own", "bad") and n < len(own):
-                mine = own[n]
-                if "error" in mine or kind == "bad":
-                    assert response["status_code"] == 400 and record["error"]["message"], record
-                    assert response["body"]["error"]["message"] == record["error"]["message"]
-                    continue
-                assert response["status_code"] == 200 and record["error"] is None, record
-                entries = response["body"]["choices"][0]["loglikelihood"]
-                for x, y in zip(entries, mine["loglikelihood"], strict=True):
-                    assert (x["text"], x["num_tokens"], x["is_greedy"]) == (y["text"], y["num_tokens"], y["is_greedy"])
-                    assert abs(x["logprob"] - y["logprob"]) <= 1e-4 * x["num_tokens"]
-                    assert "content" in x  # the server's default: per-token content
-                    assert ("words" in x) == ("words" in y)
-            elif kind in ("method", "url"):
-                assert response["status_code"] == 400
-                assert record["error"]["param"] == kind
-    # The line that names no custom_id (not JSON) is answered in its place, under null.
-    assert [r["custom_id"] for r in read(out / "local.jsonl")].count(None) == kinds.count("bad")
+        check_batch_scores(out / f"{run}.jsonl", kinds, out / "in.jsonl", folder / "out.jsonl")
 
 
 def test_openai_batch_bodies_without_loglikelihood_as_the_server_answers(server, openai_batch_runs):
     out, kinds, _, _ = openai_batch_runs
-    for run in ("local", "remote"):
-        records = read(out / f"{run}.jsonl")
-        natives = [r for r, k in zip(records, kinds) if k == "native"]
-        for record, body in zip(natives, NATIVE, strict=True):
-            status, want = server_answer(server, body)
-            assert status == 200 and record["response"]["status_code"] == 200, (run, want, record)
-            same_answer(record["response"]["body"], want)
-        [chat] = [r for r, k in zip(records, kinds) if k == "chat-generates"]
-        if run == "local":  # no chat handler in the CLI's process: the error says what to do
-            assert chat["response"]["status_code"] == 400
-            assert "--server" in chat["error"]["message"]
-        else:
-            status, want = server_answer(server, CHAT_GENERATES)
-            assert chat["response"]["status_code"] == status == 200
-            assert chat["response"]["body"]["choices"][0]["message"] == want["choices"][0]["message"]
+    check_batch_natives(out / "local.jsonl", kinds, server, in_process=True)
+    check_batch_natives(out / "remote.jsonl", kinds, server, in_process=False)
 
 
 def test_openai_batch_resumes_after_a_partial_last_line(openai_batch_runs, server, tmp_path):

@@ -349,3 +349,30 @@ def test_lm_eval_server_model_scores_under_an_adapter(lora_server, lora_llm, lor
         want = vllm_loglik.loglikelihood(lora_llm, pairs, lora_request=lora_requests[name])
         assert loglikelihoods(sample) == pytest.approx([s.logprob for s in want], abs=1e-4)
         assert greedy(sample) == [s.is_greedy for s in want]
+
+
+def test_openai_batch_lines_name_an_adapter_or_the_base(server, lora_llm, lora_requests, tmp_path):
+    """The OpenAI Batch format through the server (`--server`): a body's `model` picks the
+    adapter, as in the CLI's own format; an unknown one gets the server's 404 in its line."""
+    from .test_batch import batch_line, read, score
+
+    bodies = [("base", None), ("a", NAMES[0]), ("b", NAMES[1]), ("unknown", "nope")]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(
+        batch_line(cid, {"prompt": LONG_CONTEXT, "loglikelihood": {"continuations": OPTIONS},
+                         **({"model": model} if model else {})}) + "\n"
+        for cid, model in bodies
+    ))  # fmt: skip
+    run = score(["--server", server.url, "--input", str(source), "--output", str(tmp_path / "o")])
+    assert run.returncode == 1, run.stderr[-3000:]
+    records = read(tmp_path / "o")
+    assert [r["custom_id"] for r in records] == [cid for cid, _ in bodies]
+    pairs = [(LONG_CONTEXT, o) for o in OPTIONS]
+    for record, (_, model) in zip(records[:-1], bodies, strict=False):
+        body = record["response"]["body"]
+        assert record["response"]["status_code"] == 200 and body["model"] == (model or MODEL)
+        want = vllm_loglik.loglikelihood(lora_llm, pairs, lora_request=lora_requests.get(model))
+        for entry, score_ in zip(body["choices"][0]["loglikelihood"], want, strict=True):
+            assert_same(LoglikelihoodEntry.model_validate(entry), score_)
+    assert records[-1]["response"]["status_code"] == 404
+    assert records[-1]["error"]["param"] == "model" and "nope" in records[-1]["error"]["message"]

@@ -15,7 +15,10 @@ import pytest
 from vllm_loglik.testing import default_corpus
 
 from .conftest import MAX_MODEL_LEN
-from .test_batch import ENGINE_FLAGS, in_process, offline_scores, read, score  # noqa: F401
+from .test_batch import (  # noqa: F401
+    ENGINE_FLAGS, check_batch_natives, check_batch_scores, in_process, offline_scores, read,
+    score, write_batch_input,
+)
 
 ray = pytest.importorskip("ray", reason="the test extra installs ray[data]")
 
@@ -161,3 +164,16 @@ def test_shards_cover_the_lines_after_a_resume_point(tmp_path):
         rows = [row for part in parts for row in read_shard(part)]
         assert [r["line"] for r in rows] == list(range(skip + 1, 13))
         assert [r["body"].decode() for r in rows] == lines[skip:]
+
+
+def test_cli_ray_reads_the_openai_batch_format(in_process, server, ray_address, model_path, tmp_path):  # noqa: F811
+    """The OpenAI Batch input through `--ray`: the CLI's own scores line for line, and the
+    bodies without `loglikelihood` as the server answers them."""
+    folder, _, _ = in_process
+    kinds = write_batch_input(tmp_path / "in.jsonl", folder / "in.jsonl")
+    run = score([model_path, "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "r"),
+                 "--ray", "--ray-address", ray_address, "--ray-batch-size", "7",
+                 *ENGINE_FLAGS])  # fmt: skip
+    assert run.returncode == 1, run.stderr[-3000:]
+    check_batch_scores(tmp_path / "r", kinds, tmp_path / "in.jsonl", folder / "out.jsonl")
+    check_batch_natives(tmp_path / "r", kinds, server, in_process=True)
