@@ -575,6 +575,7 @@ async def score_remote(client: Any, model: str, n: int, text: str, details: bool
         work.error = {"message": str(e)}
         return error_record(work)
     work.id = body.pop("id", None)
+    work.label = body.pop("label", None)  # ours, not the server's
     field_value = body.get("loglikelihood", True)
     options = dict(field_value) if isinstance(field_value, dict) else {}
     if field_value is not True and not isinstance(field_value, dict) and field_value is not None:
@@ -597,7 +598,8 @@ async def score_remote(client: Any, model: str, n: int, text: str, details: bool
             work.error["param"] = error["param"]
         return error_record(work)
     entries = data["choices"][0]["loglikelihood"]
-    return {"id": work.id, "line": n, "loglikelihood": [compact(e) for e in entries]}
+    record = {"id": work.id, "line": n, "loglikelihood": [compact(e) for e in entries]}
+    return labelled(record, work.label)
 
 
 async def send_openai(client: Any, model: str, n: int, text: str) -> dict[str, Any]:
