@@ -35,11 +35,14 @@ on the Python standard library's source, bf16) in `.cache/bench-model`, then mea
     against the plugin's server (echo acceleration) and against plain vLLM;
 15. the same on row 13's 5-shot MMLU-shaped task;
 16. words: corrected word scores (`loglikelihood.words`) of long documents in rolling windows,
-    against the token scores of the same documents, on the same server.
+    against the token scores of the same documents, on the same server;
+17. report: `vllm-loglik report` of a 10,000-line `--details` run, opened in headless
+    Chromium: the time until the page is usable against the time the same browser takes to
+    load the scores file as plain text, with the report's size.
 
 Each family of rows is a module of its own, which a newcomer can read whole: `server_rows.py`
 (1, 2, 4, 5, 6, 16), `offline_rows.py` (3, 7), `batch_rows.py` (9), `lm_eval_rows.py` (8, 10, 11,
-13), `token_responses.py` (12), `echo_rows.py` (14, 15); what they share (the sizes, the model, servers, timing, a row in
+13), `token_responses.py` (12), `echo_rows.py` (14, 15), `report_rows.py` (17); what they share (the sizes, the model, servers, timing, a row in
 a process of its own) is in `common.py`. This script runs them and prints the table.
 
 Rows 1-3 and 6 run twice: with vLLM's CPU default of one core reserved for the front-end
@@ -51,7 +54,7 @@ Every row runs in the dtype that the CPU runs natively: bfloat16 where the CPU h
 and a ratio would measure the emulation); the JSON records the dtype and the CPU's model and
 flags. `--only KEY[,KEY]` re-runs some rows (keys of the JSON: `offline`, `server`,
 `multiple_choice`, `offline_multiple_choice`, `batch`, `lm_eval`, `lm_eval_offline`,
-`token_responses`, `echo`, `memory_large_vocab`, `words`) and keeps
+`token_responses`, `echo`, `memory_large_vocab`, `words`, `report`) and keeps
 the others' figures from the existing JSON.
 Prints a markdown table and writes the figures as JSON (`bench/latest.json`, or `--json PATH`).
 `--smoke` runs the same code on the tiny test model with a few prompts, to keep this script
@@ -71,6 +74,7 @@ import batch_rows  # noqa: E402
 import echo_rows  # noqa: E402
 import lm_eval_rows  # noqa: E402
 import offline_rows  # noqa: E402
+import report_rows  # noqa: E402
 import server_rows  # noqa: E402
 import token_responses  # noqa: E402
 from common import (  # noqa: E402
@@ -88,7 +92,8 @@ from common import (  # noqa: E402
 from docs_tables import write_docs_table  # noqa: E402
 
 #: The modules whose rows the table prints, each with `table_rows(results, size)`.
-FAMILIES = (server_rows, offline_rows, batch_rows, lm_eval_rows, token_responses, echo_rows)
+FAMILIES = (server_rows, offline_rows, batch_rows, lm_eval_rows, token_responses, echo_rows,
+            report_rows)  # fmt: skip
 
 
 def table(r: dict, size: Size) -> str:
@@ -138,7 +143,7 @@ def main() -> None:
     out = args.json or (ROOT / "bench" / ("latest.json" if size.name == "full" else "smoke.json"))
     keys = ["offline", "server", "multiple_choice", "offline_multiple_choice", "batch",
             "lm_eval", "lm_eval_offline", "token_responses", "echo", "memory_large_vocab",
-            "words"]  # fmt: skip
+            "words", "report"]  # fmt: skip
     # The smoke run leaves out row 5 on a 131k vocabulary: a server of its own, around a
     # 131k-vocabulary model, whose measuring code is row 5's.
     default = [k for k in keys if not (args.smoke and k == "memory_large_vocab")]
@@ -182,6 +187,8 @@ def main() -> None:
         results["memory_large_vocab"] = server_rows.memory_large_vocab(size, dtype)
     if "words" in only:
         results["words"] = server_rows.words_row(model, dtype, size)
+    if "report" in only:
+        results["report"] = report_rows.report_row(args.smoke)
 
     text = table(results, size)
     results["table"] = text

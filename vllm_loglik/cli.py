@@ -29,7 +29,8 @@ USAGE = """usage: vllm-loglik COMMAND [ARGS]
 commands:
   serve   vLLM's own `vllm serve` with the plugin switched on, also on the CPU build:
           vllm-loglik serve MODEL [vllm serve flags, e.g. --api-server-count 2]
-  score   score a JSON Lines file of request bodies (the server's; a `model` names an adapter):
+  score   score a JSON Lines file of request bodies (the server's; a `model` names an adapter),
+          or of the OpenAI Batch format ({"custom_id", "method", "url", "body"}, answered in it):
           vllm-loglik score MODEL --input requests.jsonl --output scores.jsonl [vLLM flags]
           vllm-loglik score --server http://127.0.0.1:8000 --input ... --output ...
           vllm-loglik score MODEL --ray --ray-address auto --input ... --output ...

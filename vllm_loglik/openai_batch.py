@@ -213,6 +213,12 @@ class NativeCompletions:
         self.model_config = llm.llm_engine.model_config
         self.tokenizer = llm.get_tokenizer()
         self.defaults = self.model_config.get_diff_sampling_param()
+        mc = self.model_config  # as the completion handler sets it at start-up
+        self.override_max_tokens = (
+            self.defaults.get("max_tokens")
+            if mc.generation_config not in ("auto", "vllm")
+            else (getattr(mc, "override_generation_config", None) or {}).get("max_new_tokens")
+        )
         # The handler's response builder reads only these attributes of the handler.
         serving = object.__new__(serving_class)
         serving.enable_prompt_tokens_details = False
@@ -234,8 +240,12 @@ class NativeCompletions:
             raise RequestError(param or "", f"{first.get('msg')} ({param})") from None
         except ValueError as e:
             raise RequestError("", str(e)) from None
-        if request.use_beam_search:
-            raise RequestError("use_beam_search", "beam search is not supported here")
+        for name in ("use_beam_search", "truncate_prompt_tokens", "stream"):
+            if getattr(request, name, None):
+                raise RequestError(
+                    f"body.{name}", f"{name} is not supported in this process: send the file "
+                    "with --server, and the server answers it"
+                )  # fmt: skip
         prompts = []
         for prompt in completion_prompts(request.prompt):
             if isinstance(prompt, str):
@@ -247,7 +257,8 @@ class NativeCompletions:
         for _, ids in prompts:
             try:
                 max_tokens = self.get_max_tokens(
-                    self.model_config.max_model_len, request.max_tokens, len(ids), self.defaults
+                    self.model_config.max_model_len, request.max_tokens, len(ids), self.defaults,
+                    self.override_max_tokens,
                 )
             except ValueError as e:
                 raise RequestError("prompt", str(e)) from None
