@@ -35,8 +35,8 @@ from typing import IO, Any
 
 from .engine_requests import corrected_words_problem, lora_mixing_unsafe, score_spans
 from .adapters import Adapters
-from .engine_stream import DEFAULT_BUDGET_TOKENS, EngineStream
 from . import openai_batch
+from .engine_stream import DEFAULT_BUDGET_TOKENS, EngineStream
 from .jobs import Job, Scorer
 from .openai_batch import BatchLine, NativeCompletion, NativeCompletions
 from .protocol import DEFAULT_MAX_CONTINUATIONS, parse_loglikelihood
@@ -91,13 +91,13 @@ class Work:
     openai: BatchLine | None = None  # a line of the OpenAI Batch format
     native: NativeCompletion | None = None  # ... whose body vLLM's own handler answers
     error: dict[str, Any] | None = None
+    status: int = 400  # the HTTP status of the error, in the OpenAI Batch format
 
     @property
     def tokens(self) -> int:
         if self.native is not None:
             return self.native.tokens
         return sum(len(s.prompt_token_ids) for job in self.jobs for s in job.spans)
-
 
 
 def parse_line(
@@ -251,8 +251,8 @@ def openai_record(work: Work, body: dict[str, Any], status: int = 200) -> dict[s
 def error_record(work: Work) -> dict[str, Any]:
     if work.openai is not None:
         error = work.error or {}
-        body = openai_batch.error_body(error.get("message", ""), error.get("param"))
-        return openai_record(work, body, 400)
+        body = openai_batch.error_body(error.get("message", ""), error.get("param"), work.status)
+        return openai_record(work, body, work.status)
     return labelled({"id": work.id, "line": work.line, "error": work.error}, work.label)
 
 
@@ -417,7 +417,9 @@ def run_engine(
                     try:
                         lora_request = adapters.resolve(work.model)
                     except RequestError as e:
-                        work.error = work.error or {"message": str(e), "param": e.param}
+                        if work.error is None:
+                            work.error = {"message": str(e), "param": e.param}
+                            work.status = 404  # the server's status for a model it does not serve
                     if work.error is not None:
                         emit(error_record(work))
                         continue

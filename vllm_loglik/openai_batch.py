@@ -137,7 +137,7 @@ def output_line(custom_id: Any, body: dict[str, Any], status: int = 200) -> dict
 
 def error_body(message: str, param: str | None, status: int = 400) -> dict[str, Any]:
     """The server's error body (`vllm_loglik.server.protocol.error_response`)."""
-    kind = {400: "BadRequestError", 500: "InternalServerError"}.get(status, "Error")
+    kind = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError"}.get(status, "Error")
     return {"error": {"message": message, "type": kind, "param": param or None, "code": status}}
 
 

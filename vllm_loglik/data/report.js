@@ -37,6 +37,14 @@
   // A token's text with its whitespace made visible.
   const shown = (t) => JSON.stringify(t);
 
+  // A detail's token: [vocab index, logprob, rank, alternative, its logprob, ...].
+  const tokText = (t) => D.vocab[t[0]];
+  function alternatives(t) {
+    const out = [];
+    for (let i = 3; i + 1 < t.length; i += 2) out.push([D.vocab[t[i]], t[i + 1]]);
+    return out;
+  }
+
   // ------------------------------------------------------------------ views
   const views = ["overview", "lines", "line", "choice", "problems"];
   const tabs = {};
@@ -263,7 +271,7 @@
     const tokens = detail && detail.tokens;
     $("#line-controls").hidden = !tokens;
     if (!tokens) {
-      heat.append(el("span", { class: "note", text: r.text + "\n\n(no per-token content in this line: " +
+      heat.append(el("span", { class: "note", text: (detail && detail.text || r.text) + "\n\n(no per-token content in this line: " +
         "score with --details, or save the server's full response)" }));
     } else {
       const max = Math.max(8, ...tokens.filter((t) => t[1] !== null).map((t) => -t[1] / LN2));
@@ -271,7 +279,7 @@
       tokens.forEach((t, i) => {
         const colour = t[1] === null ? null : mode === "rank" ? rankColour(t[2]) : surprisalColour(t[1], max);
         frag.append(el("span", { class: "tok" + (t[1] === null ? " none" : ""), tabindex: 0, "data-i": i,
-          style: colour ? `background:${colour}` : null, text: t[0].replace(/\n/g, "↵\n") }));
+          style: colour ? `background:${colour}` : null, text: tokText(t).replace(/\n/g, "↵\n") }));
       });
       heat.append(frag);
       const legend = $("#legend");
@@ -309,15 +317,16 @@
     tip.replaceChildren();
     if (target.dataset.i !== undefined) {
       const t = detail.tokens[Number(target.dataset.i)];
-      tip.append(el("div", { class: "tt-token", text: shown(t[0]) }));
+      tip.append(el("div", { class: "tt-token", text: shown(tokText(t)) }));
       if (t[1] === null) {
         tip.append(el("div", { text: "no logprob (the first token of the prompt)" }));
       } else {
         tip.append(el("div", { class: "tt-logprob", text: `logprob ${fmt(t[1])}` }),
           el("div", { class: "tt-surprisal", text: `surprisal ${fmt(-t[1] / LN2, 2)} bits` }),
           el("div", { class: "tt-rank", text: `rank ${t[2] === null || t[2] === undefined ? "unknown" : t[2]}` }));
-        if (t[3] && t[3].length) {
-          const table = el("table", {}, ...t[3].map((a) => el("tr", {}, el("td", { text: shown(a[0]) }),
+        const alts = alternatives(t);
+        if (alts.length) {
+          const table = el("table", {}, ...alts.map((a) => el("tr", {}, el("td", { text: shown(a[0]) }),
             el("td", { text: fmt(a[1]) }))));
           tip.append(el("div", { text: "top alternatives" }), table);
         }
