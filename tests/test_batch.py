@@ -101,7 +101,8 @@ def score(args: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 
 def read(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    # Lines end at "\n" only: `splitlines` would also cut at a U+2028 inside a JSON string.
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
 
 
 def check_output(records: list[dict], expected, llm) -> None:

@@ -34,6 +34,7 @@ from .test_batch import batch_line, read, score
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / "report"
 CORPUS = default_corpus()
 CHOICES = [" red", " bread", " a table", " blue"]
+HOSTILE = "Tags: </script><!--<script> & <b>bold</b> \u2028 end"
 
 
 def mc_lines() -> list[str]:
@@ -46,6 +47,8 @@ def mc_lines() -> list[str]:
         text = " ".join(CORPUS.split()[i * 40 : i * 40 + 25])
         lines.append({"id": f"doc{i}", "prompt": text,
                       "loglikelihood": {"top_logprobs": 3, "words": True}})  # fmt: skip
+    # Text that would end the page's data element or change how HTML reads it, if not escaped.
+    lines.append({"id": "html", "prompt": HOSTILE, "loglikelihood": {"top_logprobs": 3}})
     lines.append({"id": "bad-option", "prompt": "x", "loglikelihood": {"bogus": 1}})
     return [json.dumps(line, ensure_ascii=False) for line in lines] + ["{not json"]
 
@@ -269,11 +272,19 @@ def test_the_report_in_a_browser(browser, runs):
     p.click("nav button[data-view=problems]")
     assert len(p.query_selector_all("#errors tbody tr")) == 2
     page.shot("problems")
+
+    # Text that HTML would read as markup is shown as text.
+    [html] = [r for r in records if r.get("id") == "html"]
+    p.click("nav button[data-view=lines]")
+    p.fill("#search", "html")
+    assert p.eval_on_selector("#lines tbody td.text", "e => e.textContent") == html["loglikelihood"][0]["text"]
+    p.click("#lines tbody tr >> nth=0")
+    assert "</script><!--<script> & <b>bold</b>" in p.eval_on_selector("#heatmap", "e => e.textContent")
     page.close()
 
 
 def test_reports_of_the_other_formats_open_without_errors(browser, runs):
-    for name, lines, unreadable in (("compact", 32, 0), ("batch-out", 6, 0), ("saved", 6, 3)):
+    for name, lines, unreadable in (("compact", 33, 0), ("batch-out", 6, 0), ("saved", 6, 3)):
         page = Page(browser, runs / f"{name}.html")
         assert page.number("#s-lines") == lines and page.number("#s-unreadable") == unreadable
         page.page.click("nav button[data-view=lines]")

@@ -294,6 +294,7 @@ def record_run(parsed: Any, args: list[str], openai: bool) -> None:
     }  # fmt: skip
     if not parsed.server:
         info.update(dtype=parsed.dtype, max_model_len=parsed.max_model_len)
+    info = {k: v for k, v in info.items() if v is not None}
     path = run_info_path(parsed.output)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(info, indent=1, default=str) + "\n", encoding="utf-8")

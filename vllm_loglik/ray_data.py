@@ -57,7 +57,9 @@ class LoglikelihoodScorer:
     for ids of mixed types. The batch is fed to the engine with about `budget_tokens` prompt
     tokens in flight. `lora_modules` lists LoRA adapters (`"name=path"` strings, or
     `{"name", "path"}` dicts; the engine needs `enable_lora=True`): a row whose `model` names
-    one is scored under it, as in `vllm-loglik score`.
+    one is scored under it, as in `vllm-loglik score`. With `openai=True`, each row's JSON text
+    is a line of the OpenAI Batch format (`vllm_loglik.openai_batch`), and the output columns
+    are `line` and `record`, the output line as JSON text (its shape varies with its body).
     """
 
     def __init__(

@@ -324,10 +324,12 @@ def render(payload: dict[str, Any]) -> str:
     page = (folder / "report.html").read_text(encoding="utf-8")
     script = (folder / "report.js").read_text(encoding="utf-8")
     style = (folder / "report.css").read_text(encoding="utf-8")
-    # JSON inside <script>: "</" would end the element, and U+2028/9 are line ends in old JS.
+    # JSON inside <script>: a "<" of the text ("</script>", "<!--") could end the element or
+    # change how the HTML parser reads it, so every one is written as the JSON escape \u003c
+    # (outside strings JSON has none); U+2028/9 are line ends in old JavaScript.
     text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False,
                       default=str)  # fmt: skip
-    text = text.replace("</", "<\\/").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    text = text.replace("<", "\\u003c").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
     title = html.escape(f"vllm-loglik report: {Path(payload['summary']['file']).name}")
     parts = {"{{TITLE}}": title, "/*{{STYLE}}*/": style, "{{DATA}}": text, "/*{{SCRIPT}}*/": script}
     # One pass over the template, so that nothing inlined is read as a placeholder.
