@@ -13,6 +13,8 @@ cat > "$dir/requests.jsonl" <<'END'
 {"id": "broken", "prompt": 42}
 END
 status=0
-vllm-loglik score --server "$server" --input "$dir/requests.jsonl" --output "$dir/scores.jsonl" || status=$?
+vllm-loglik score --server "$server" --input "$dir/requests.jsonl" --output "$dir/scores.jsonl" \
+  --report "$dir/report.html" || status=$?
 cat "$dir/scores.jsonl"
 echo "exit status $status (1: a line failed, and its error is in the output)"
+echo "report (open it in a browser): $dir/report.html"

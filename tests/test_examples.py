@@ -77,6 +77,9 @@ def test_batch_cli_example(server):
     lines = [line for line in out.splitlines() if line.startswith("{")]
     assert len(lines) == 4 and '"error"' in lines[3] and "exit status 1" in out
     assert all('"loglikelihood"' in line for line in lines[:3])
+    report = Path(out.split("report (open it in a browser): ")[1].split()[0])
+    page = report.read_text(encoding="utf-8")
+    assert '<script type="application/json" id="data">' in page and "<link" not in page
 
 
 def test_notebook_runs_on_the_demo_model_with_its_outputs_saved(server, monkeypatch):
