@@ -305,3 +305,20 @@ def test_the_recorded_run_names_the_settings_and_hides_secrets(runs):
     assert redacted(["--server-api-key", "k1", "--api-key=k2", "--input", "f"]) == [
         "--server-api-key", "***", "--api-key=***", "--input", "f"
     ]
+
+
+def test_a_line_that_cannot_be_read_is_listed_and_keeps_nothing(tmp_path):
+    entry = {"index": 0, "text": " x", "logprob": -1.0, "num_tokens": 1, "is_greedy": True}
+    lines = [
+        {"id": "a", "line": 1, "loglikelihood": [entry, dict(entry, index=1)], "label": 5},
+        {"id": "b", "line": 2, "loglikelihood": [{"text": 3}]},
+        {"id": "c", "line": 3, "loglikelihood": "many"},
+        {"id": "d", "line": 4, "loglikelihood": [entry, dict(entry, index=1, logprob=-2.0)],
+         "label": 1},
+    ]  # fmt: skip
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + "\n{\n")
+    report = report_module.write_report(tmp_path / "s.jsonl", tmp_path / "r.html")
+    assert [u["line"] for u in report.unreadable] == [1, 2, 3, 6]
+    assert "label is 5" in report.unreadable[0]["reason"]
+    assert [r["id"] for r in report.rows] == ["d", "d"] and len(report.questions) == 1
+    assert report.questions[0]["correct"] is False  # the first choice is the more likely

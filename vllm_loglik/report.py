@@ -189,6 +189,9 @@ def _rank(token: str, logprob: float | None, alts: list[list[Any]]) -> int | Non
 def _add_entries(
     report: Report, n: int, ident: Any, entries: list[dict[str, Any]], label: Any
 ) -> None:
+    labelled = isinstance(label, int) and not isinstance(label, bool) and len(entries) >= 2
+    if labelled and not 0 <= label < len(entries):  # before anything of the line is kept
+        raise ValueError(f"label is {label}, and the line has {len(entries)} continuations")
     for i, e in enumerate(entries):
         num_bytes = len(e["text"].encode("utf-8", errors="surrogatepass"))
         tokens, logprob = e["num_tokens"], e["logprob"]
@@ -209,9 +212,7 @@ def _add_entries(
             row["detail"] = len(report.details)
             report.details.append(_detail(report.vocab, e))
         report.rows.append(row)
-    if isinstance(label, int) and not isinstance(label, bool) and len(entries) >= 2:
-        if not 0 <= label < len(entries):
-            raise ValueError(f"label is {label}, and the line has {len(entries)} continuations")
+    if labelled:
         report.questions.append(question(n, ident, [e["logprob"] for e in entries], label,
                                          [e["text"] for e in entries]))  # fmt: skip
 
