@@ -124,7 +124,9 @@ def output_line(custom_id: Any, body: dict[str, Any], status: int = 200) -> dict
     200) is repeated in `error`."""
     error = None
     if status != 200:
-        info = body.get("error", {}) if isinstance(body, dict) else {}
+        info = body.get("error") if isinstance(body, dict) else None
+        if not isinstance(info, dict):  # an error body of another shape: its text
+            info = {"message": json.dumps(info if info is not None else body)[:500]}
         error = {"code": info.get("type") or str(status), "message": info.get("message", ""),
                  "param": info.get("param")}  # fmt: skip
     return {
