@@ -44,6 +44,7 @@ from .requests import (
     RequestError,
     Translation,
     completion_prompts,
+    json_object,
     max_continuations_from_env,
     translate_chat,
     translate_completion,
@@ -114,9 +115,7 @@ def parse_line(
     work = Work(line)
     try:
         if native is not None:
-            # An error in the line itself is still answered under its custom_id.
-            work.openai = openai_batch.BatchLine(openai_batch.custom_id_of(text), "", {})
-            work.openai = request = openai_batch.parse(text)
+            request = read_openai_line(work, text)
             body, work.label = request.body, request.label
             work.model = body.get("model")
             if not request.scores:
@@ -153,13 +152,18 @@ def parse_line(
 
 def load_body(text: str) -> dict[str, Any]:
     """The request body of an input line."""
-    try:
-        body = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise RequestError("", f"the line is not JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise RequestError("", "the line must be a JSON object (a request body)")
-    return body
+    return json_object(text, "a request body")
+
+
+def read_openai_line(work: Work, text: str | dict[str, Any]) -> BatchLine:
+    """The request of an OpenAI Batch line, kept in `work.openai`. Before that, `work.openai`
+    holds what is known of the line (nothing, then its custom_id once it is read as JSON), so
+    that a line in error is still answered in the format, under its custom_id if it has one."""
+    work.openai = BatchLine(None, "", {})
+    line = text if isinstance(text, dict) else json_object(text, "an OpenAI Batch request")
+    work.openai = BatchLine(line.get("custom_id"), "", {})
+    work.openai = openai_batch.parse(line)
+    return work.openai
 
 
 def body_jobs(
@@ -219,9 +223,8 @@ def score_record(work: Work, scores: list[Score], model: str) -> dict[str, Any]:
     if work.openai is not None:
         entries = [entry_from_score(i, s, work.content) for i, s in enumerate(scores)]
         n = work.openai.body.get("n")
-        prompt_tokens = sum(len(s.prompt_token_ids) for job in work.jobs for s in job.spans)
         body = openai_batch.scores_body(
-            work.openai.chat, work.model or model, entries, prompt_tokens,
+            work.openai.chat, work.model or model, entries, work.tokens,
             n if isinstance(n, int) and n > 0 else 1,
         )  # fmt: skip
         return openai_record(work, body)
@@ -606,9 +609,9 @@ async def score_remote(client: Any, model: str, n: int, text: str, details: bool
 
 async def send_openai(client: Any, model: str, n: int, text: str) -> dict[str, Any]:
     """The output line of an OpenAI Batch line, answered by the server."""
-    work = Work(n, openai=openai_batch.BatchLine(openai_batch.custom_id_of(text), "", {}))
+    work = Work(n)
     try:
-        work.openai = request = openai_batch.parse(text)
+        request = read_openai_line(work, text)
     except RequestError as e:
         work.error = {"message": str(e), "param": e.param}
         return error_record(work)

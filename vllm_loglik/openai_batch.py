@@ -84,17 +84,9 @@ def is_batch_line(text: str) -> bool:
     return isinstance(first, dict) and "custom_id" in first and "body" in first
 
 
-def parse(text: str | dict[str, Any]) -> BatchLine:
-    """The request of an input line; a `RequestError` naming the field that is wrong."""
-    if isinstance(text, dict):
-        line = text
-    else:
-        try:
-            line = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise RequestError("", f"the line is not JSON: {e}") from None
-    if not isinstance(line, dict):
-        raise RequestError("", "the line must be a JSON object (an OpenAI Batch request)")
+def parse(line: dict[str, Any]) -> BatchLine:
+    """The request of an input line (its JSON object); a `RequestError` naming the field that
+    is wrong."""
     if line.get("custom_id") is None:
         raise RequestError("custom_id", "a line of the OpenAI Batch format needs `custom_id`")
     if line.get("method", "POST") != "POST":
@@ -108,15 +100,6 @@ def parse(text: str | dict[str, Any]) -> BatchLine:
     if body.get("stream"):
         raise RequestError("body.stream", "a batch request must not be sent in stream mode")
     return BatchLine(line["custom_id"], url, body, line.get("label"))
-
-
-def custom_id_of(text: str | dict[str, Any]) -> Any:
-    """The `custom_id` of a line, if it can be read (for the output line of a line in error)."""
-    try:
-        line = text if isinstance(text, dict) else json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    return line.get("custom_id") if isinstance(line, dict) else None
 
 
 def output_line(custom_id: Any, body: dict[str, Any], status: int = 200) -> dict[str, Any]:

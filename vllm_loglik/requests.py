@@ -9,6 +9,7 @@ the two unchanged and give the same numbers. Bad input is a `RequestError` that 
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,18 @@ class RequestError(ValueError):
     def __init__(self, param: str, message: str):
         super().__init__(message)
         self.param = param
+
+
+def json_object(text: str, what: str) -> dict[str, Any]:
+    """The JSON object of an input line; a `RequestError` if it is not JSON or not an object
+    (`what` says what the line should hold)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RequestError("", f"the line is not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise RequestError("", f"the line must be a JSON object ({what})")
+    return value
 
 
 def env_int(name: str, default: int, low: int = 0, high: int | None = None) -> int:
