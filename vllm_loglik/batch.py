@@ -436,8 +436,9 @@ def run_engine(
                 else:
                     spans = [span for job in work.jobs for span in job.spans]
                     protocol = score_spans(
-                        spans, work.top_logprobs, stream.block_size, f"line{n}", words=work.words
-                    )
+                        spans, work.top_logprobs, stream.block_size, f"line{n}", words=work.words,
+                        runner=stream.runner,
+                    )  # fmt: skip
                 works[n] = work
                 try:
                     rows = stream.submit(n, protocol, work.tokens, lora_request)

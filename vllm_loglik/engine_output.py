@@ -49,7 +49,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .fingerprints import Reliance
+from .reliance import Reliance
 from .spans import Span
 
 #: The vLLM code whose output layouts this module reads: the containers, both runners' rows, and
@@ -159,6 +159,7 @@ def span_logprobs(
     span: Span,
     top_logprobs: int = 0,
     words: bool = False,
+    masses: Any = None,
 ) -> ScoredRows | None:
     """The scored positions of `span` (`span.start .. n-1`) as `ScoredRows`, or None.
 
@@ -174,10 +175,32 @@ def span_logprobs(
     if offset is None:
         return None
     if hasattr(prompt_logprobs, "start_indices"):  # vLLM's FlatLogprobs
-        return _from_flat(prompt_logprobs, ids, span.start, offset, top_logprobs, words)
-    if words:
+        rows = _from_flat(
+            prompt_logprobs, ids, span.start, offset, top_logprobs, words and masses is None
+        )
+    elif words and masses is None:
         raise EngineOutputError("word-boundary masses are read from vLLM's flat container only")
-    return _from_dicts(prompt_logprobs, ids, span.start, offset, top_logprobs)
+    else:
+        rows = _from_dicts(prompt_logprobs, ids, span.start, offset, top_logprobs)
+    if rows is not None and words and masses is not None:
+        rows.starts, rows.ends = _from_masses(masses, len(rows))
+    return rows
+
+
+def _from_masses(masses: Any, n: int) -> tuple[list[float], list[float]]:
+    """`(starts, ends)` from V2's token-id scores of a words request (`vllm_loglik.v2_scoring`):
+    `[rows, 2]`, one row per scored position, each a finite log P_B."""
+    import math
+
+    values = masses.tolist() if hasattr(masses, "tolist") else masses
+    if len(values) != n or any(
+        len(row) != 2 or not all(math.isfinite(v) for v in row) for row in values
+    ):
+        raise EngineOutputError(
+            "the engine returned no word-boundary masses: vllm-loglik's V2 patch did not "
+            "compute them (vllm_loglik.v2_scoring)"
+        )
+    return [row[0] for row in values], [row[1] for row in values]
 
 
 def unreadable_reason(
@@ -227,9 +250,10 @@ def require_span_logprobs(
     request_id: str,
     top_logprobs: int = 0,
     words: bool = False,
+    masses: Any = None,
 ) -> ScoredRows:
     """`span_logprobs`, for an output that must be readable (one computed without the cache)."""
-    rows = span_logprobs(prompt_logprobs, num_cached_tokens, span, top_logprobs, words)
+    rows = span_logprobs(prompt_logprobs, num_cached_tokens, span, top_logprobs, words, masses)
     if rows is None:
         got = "no" if prompt_logprobs is None else len(prompt_logprobs)
         raise EngineOutputError(

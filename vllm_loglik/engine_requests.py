@@ -37,7 +37,6 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .engine_output import RELIES_ON as OUTPUT_LAYOUT
 from .engine_output import (
     EngineOutputError,
     ScoredRows,
@@ -45,9 +44,9 @@ from .engine_output import (
     span_logprobs,
     unreadable_reason,
 )
-from .fingerprints import Reliance, checked
+from .reliance import Reliance, checked
 from .spans import Span
-from .target_logprobs import MARK, WORDS
+from .runners import Runner, path_line, runner_of  # noqa: F401  (path_line: callers import it here)
 
 #: The CPU LoRA kernels, which decide whether base-model and adapter requests may share an
 #: engine step (`lora_mixing_unsafe`).
@@ -94,8 +93,7 @@ Protocol = Generator[list[EngineRequest], list[Any], list[ScoredRows]]
 def prefix_block_size(vllm_config: Any) -> int | None:
     """The engine's KV block size when the package reads its prefix cache, else None: what
     `score_spans` takes as `block_size`. It reads the cache when the engine has prefix caching
-    on and the installed vLLM's output layouts are those `engine_output` reads
-    (`cache_reads_problem`)."""
+    on and its runner's cache reads apply (`cache_reads_problem`)."""
     cache = vllm_config.cache_config
     if not cache.enable_prefix_caching or cache_reads_problem(vllm_config) is not None:
         return None
@@ -106,7 +104,7 @@ def cache_reads_problem(vllm_config: Any) -> str | None:
     """Why the package reads no prefix cache on an engine that has prefix caching on, or None."""
     if not vllm_config.cache_config.enable_prefix_caching:
         return None
-    return checked(OUTPUT_LAYOUT).reason()
+    return runner_of(vllm_config).cache_reads_problem
 
 
 #: Module names that put LoRA on the output layer, whose LoRA logits vLLM 0.32 computes with
@@ -157,24 +155,6 @@ def shared_prefix(spans: Sequence[Span], block_size: int | None) -> list[int] | 
     return list(first[:n]) if n >= block_size else None
 
 
-def scoring_params(top_logprobs: int, read_cache: bool, words: bool = False) -> Any:
-    """The sampling parameters of a scoring request; with `words`, two more prompt-logprob
-    columns, which the target-only path fills with word-boundary masses
-    (`vllm_loglik.target_logprobs.WORDS`)."""
-    from vllm import SamplingParams
-
-    return SamplingParams(
-        max_tokens=1,
-        prompt_logprobs=top_logprobs + 2 if words else top_logprobs,
-        detokenize=False,  # required with cache reads: see the module docstring
-        flat_logprobs=True,  # no dict or Logprob object per position in the front-end
-        skip_reading_prefix_cache=not read_cache,
-        # The engine computes this request's prompt logprobs target-only where it can
-        # (`vllm_loglik.target_logprobs`); anyone else's take vLLM's own path.
-        extra_args={MARK: True, WORDS: True} if words else {MARK: True},
-    )
-
-
 def warm_up_params() -> Any:
     from vllm import SamplingParams
 
@@ -189,6 +169,7 @@ def score_spans(
     warm_single: bool = False,
     stats: ProtocolStats | None = None,
     words: bool = False,
+    runner: Runner | None = None,
 ) -> Protocol:
     """The protocol (see the module docstring) for `spans`, as a generator.
 
@@ -198,9 +179,16 @@ def score_spans(
     spans or more, or one with `warm_single` (the server's choice: a client may send the same
     context again with its next continuation). Returns the `ScoredRows` of every span, in order;
     `stats`, if given, counts what was sent and read. With `words`, the rows also hold each
-    position's word-boundary masses (`ScoredRows.starts` and `ends`).
+    position's word-boundary masses (`ScoredRows.starts` and `ends`). `runner` is the engine's
+    (`vllm_loglik.runners.runner_of`), which decides the requests' fields (V1's when None).
     """
     stats = stats if stats is not None else ProtocolStats()
+    runner = runner if runner is not None else V1_DEFAULT
+
+    def params(span: Span, read_cache: bool) -> Any:
+        n = len(span.prompt_token_ids)
+        return runner.scoring_params(n, span.start, top_logprobs, read_cache, words)
+
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, span in enumerate(spans):
         groups.setdefault(tuple(span.prompt_token_ids[: span.start]), []).append(i)
@@ -227,7 +215,7 @@ def score_spans(
     stats.prompt_tokens += sum(len(span.prompt_token_ids) for span in spans)
     outputs = yield [
         EngineRequest(
-            span.prompt_token_ids, scoring_params(top_logprobs, hit, words), f"{request_id}-{i}"
+            span.prompt_token_ids, params(span, hit), f"{request_id}-{i}"
         )
         for i, (span, hit) in enumerate(zip(spans, cached, strict=True))
     ]
@@ -236,8 +224,9 @@ def score_spans(
         stats.cached_tokens += out.num_cached_tokens or 0
         if hit:
             row = span_logprobs(
-                out.prompt_logprobs, out.num_cached_tokens, span, top_logprobs, words
-            )
+                out.prompt_logprobs, out.num_cached_tokens, span, top_logprobs, words,
+                _masses(out, words),
+            )  # fmt: skip
             if row is None:
                 reason = unreadable_reason(out.prompt_logprobs, out.num_cached_tokens, span)
                 stats.fallbacks[reason] += 1
@@ -251,7 +240,7 @@ def score_spans(
         outputs = yield [
             EngineRequest(
                 spans[i].prompt_token_ids,
-                scoring_params(top_logprobs, False, words),
+                params(spans[i], False),
                 f"{request_id}-{i}-full",
             )
             for i in again
@@ -263,8 +252,19 @@ def score_spans(
 
 def _require(out: Any, span: Span, top_logprobs: int, words: bool = False) -> ScoredRows:
     return require_span_logprobs(
-        out.prompt_logprobs, out.num_cached_tokens, span, out.request_id, top_logprobs, words
-    )
+        out.prompt_logprobs, out.num_cached_tokens, span, out.request_id, top_logprobs, words,
+        _masses(out, words),
+    )  # fmt: skip
+
+
+def _masses(out: Any, words: bool) -> Any:
+    """The word-boundary masses that V2 returns as token-id scores (`vllm_loglik.v2_scoring`),
+    or None (V1 returns them in the prompt logprobs' own columns)."""
+    return getattr(out, "prompt_token_id_logprobs", None) if words else None
+
+
+#: The runner assumed where a caller gives none: V1's requests (no V2 fields).
+V1_DEFAULT = Runner("V1", False, None, None, None)
 
 
 async def last_output(stream: Any, request_id: str) -> Any:
@@ -299,38 +299,25 @@ async def run_async(protocol: Protocol, run: Any) -> list[ScoredRows]:
 
 def corrected_words_problem(vllm_config: Any, field: str = "word_probability") -> str | None:
     """Why this engine cannot compute corrected word probabilities, as the message of the
-    request's error, or None where it can: they need the word-boundary masses that only the
-    target-only path (`vllm_loglik.target_logprobs`) computes; vLLM's own path would give
-    numbers without the correction, which are never passed off as corrected."""
-    from .target_logprobs import problem as target_problem
-
-    why = target_problem(vllm_config)
+    request's error, or None where it can: they need the word-boundary masses that this
+    package's patch computes in the engine, on V1 (`vllm_loglik.target_logprobs`) or on V2
+    (`vllm_loglik.v2_scoring`); vLLM's own path would give numbers without the correction,
+    which are never passed off as corrected."""
+    why = runner_of(vllm_config).words_problem
     if why is None:
         return None
     return (
-        f"{field} 'corrected' needs vllm-loglik's target-only prompt logprobs in the engine, "
-        f"which this engine does not run ({why}). Run it with VLLM_USE_V2_MODEL_RUNNER=0 (and "
-        "VLLM_LOGLIK_TARGET_LOGPROBS unset) on a verified vLLM, or ask for word_probability "
-        "'tokens' (the plain sum of each word's tokens)"
+        f"{field} 'corrected' needs the word-boundary masses that vllm-loglik computes in the "
+        f"engine, which this engine does not compute ({why}). Ask for word_probability "
+        "'tokens' (the plain sum of each word's tokens), or serve with a vLLM whose code "
+        "vllm-loglik was verified on (vllm-loglik fingerprints lists them)"
     )
 
 
-def path_line(name: str, problem: str | None) -> str:
-    """A fast path in the start-up line: `NAME: on`, or `NAME: off (why)`."""
-    return f"{name}: on" if problem is None else f"{name}: off ({problem})"
-
-
 def fast_paths(vllm_config: Any) -> list[str]:
-    """What the start-up line (`vllm_loglik.fingerprints.report`) says of this engine: whether
-    the target-only path and prefix-cache reads are on, and why either is off; whether LoRA
-    requests take turns."""
-    from .target_logprobs import problem as target_problem
-
-    lines = [
-        path_line("target-only prompt logprobs", target_problem(vllm_config)),
-        path_line("prefix-cache reads", cache_reads_problem(vllm_config)
-             if vllm_config.cache_config.enable_prefix_caching else "prefix caching is off"),
-    ]  # fmt: skip
+    """What the start-up line (`vllm_loglik.reliance.report`) says of this engine: its model
+    runner, whether each fast path is on and why one is off, whether LoRA requests take turns."""
+    lines = runner_of(vllm_config).lines(vllm_config.cache_config.enable_prefix_caching)
     if getattr(vllm_config, "lora_config", None) is not None:
         turns = lora_mixing_unsafe(vllm_config)
         lines.append("LoRA and base-model requests " + ("take turns" if turns else "share steps"))

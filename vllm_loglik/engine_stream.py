@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .runners import runner_of
 from .engine_requests import (
     EngineRequest,
     Protocol,
@@ -44,6 +45,7 @@ class EngineStream:
         if problem is not None:
             raise ValueError(problem)
         self.block_size = prefix_block_size(self.engine.vllm_config)
+        self.runner = runner_of(self.engine.vllm_config)
         self.active: dict[int, _Running] = {}
         self.owner: dict[str, tuple[int, int]] = {}  # request id -> (key, slot)
         self.tokens_in_flight = 0
@@ -174,7 +176,9 @@ def score_groups(
             while i < len(groups) and room(i):
                 group = groups[i]
                 tokens = sum(len(span.prompt_token_ids) for span in group)
-                protocol = score_spans(group, 0, stream.block_size, f"lm{call}-{i}")
+                protocol = score_spans(
+                    group, 0, stream.block_size, f"lm{call}-{i}", runner=stream.runner
+                )
                 spans_in_flight[i] = len(group)
                 rows = stream.submit(i, protocol, tokens, lora_request)
                 if rows is not None:

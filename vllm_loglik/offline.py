@@ -38,7 +38,8 @@ from .engine_requests import (
     run_sync,
     score_spans,
 )
-from .fingerprints import report
+from .reliance import report
+from .runners import runner_of
 from .jobs import Job, Scorer, check_top_logprobs
 from .scoring import Score
 from .spans import excerpt
@@ -134,8 +135,9 @@ def run_jobs(
         )
 
     protocol = score_spans(
-        spans, top_logprobs, block_size, f"offline-{next(_calls)}", words=corrected
-    )
+        spans, top_logprobs, block_size, f"offline-{next(_calls)}", words=corrected,
+        runner=runner_of(llm.llm_engine.vllm_config),
+    )  # fmt: skip
     scored = iter(run_sync(protocol, run))
     return [scorer.finish(job, [next(scored) for _ in job.spans], top_logprobs) for job in jobs]
 

@@ -36,18 +36,17 @@ import logging
 import os
 from typing import Any
 
+from .engine_marks import MARK, WORDS, boundary_mass, boundary_mask, switched_off
 from .engine_output import WORDS_ID as ENGINE_WORDS_ID
-from .fingerprints import Reliance, checked, vllm_version
+from .reliance import Reliance, checked, vllm_version
 
 logger = logging.getLogger("vllm.loglik.target_logprobs")
 
-#: The `SamplingParams.extra_args` key that marks a request as vllm-loglik's.
-MARK = "vllm_loglik"
-#: The `extra_args` key of a marked request that wants word-boundary masses (`vllm_loglik.words`):
-#: its prompt logprobs are asked for with `k + 2` columns, of which the last two, with token id
-#: `WORDS_ID`, hold log P_B of the row's distribution and of the next row's (for the last prompt
-#: token: of the distribution after it, where the engine samples).
-WORDS = "vllm_loglik_words"
+__all__ = ["MARK", "WORDS", "install", "problem", "switched_off"]
+# A marked request that wants word-boundary masses (`WORDS`) asks for its prompt logprobs with
+# `k + 2` columns, of which the last two, with token id `WORDS_ID`, hold log P_B of the row's
+# distribution and of the next row's (for the last prompt token: of the distribution after it,
+# where the engine samples).
 #: The token id of the two word-boundary columns (no token has it; vLLM's own path, which fills
 #: every column with a real token, is told apart by it).
 WORDS_ID = ENGINE_WORDS_ID
@@ -90,16 +89,11 @@ def _disable(reason: str) -> None:
     logger.warning("vllm-loglik: vLLM's own prompt logprobs from now on in this engine (%s)", reason)
 
 
-def switched_off(name: str) -> bool:
-    """Whether the environment turns the switch `name` off (`0`, `false`, `no` or `off`)."""
-    return os.environ.get(name, "1").strip().lower() in ("0", "false", "no", "off")
-
-
 def problem(vllm_config: Any) -> str | None:
     """Why the target-only path does not apply to this engine, or None where it does."""
     if switched_off(ENV):
         return f"turned off ({ENV}=0)"
-    if getattr(vllm_config, "use_v2_model_runner", False):
+    if getattr(vllm_config, "use_v2_model_runner", True):
         return "the engine runs vLLM's V2 model runner, whose prompt logprobs it does not replace"
     mode = str(getattr(vllm_config.model_config, "logprobs_mode", "raw_logprobs"))
     if mode not in SOFTMAX_MODES:
@@ -120,8 +114,10 @@ def install() -> None:
         return
     verdict = checked(RELIES_ON)
     if not verdict.holds:
-        logger.warning(
-            "vllm-loglik on vLLM %s: vLLM's own prompt logprobs in this engine (%s)",
+        # A vLLM without V1 (0.34 on) has nothing to patch here: V2 is `v2_scoring`'s.
+        gone = all(c.endswith("(missing)") for c in verdict.changed)
+        (logger.info if gone else logger.warning)(
+            "vllm-loglik on vLLM %s: no V1 patch of prompt logprobs in this process (%s)",
             vllm_version(), verdict.reason(),
         )  # fmt: skip
         return
@@ -221,7 +217,7 @@ def _prompt_logprobs(
             if words and req_id in completed and num_prompt_tokens >= 2:
                 # A final chunk of the last token alone: the distribution after it.
                 last = hidden_states[offset : offset + 1]
-                mass = _boundary_mass(runner.model.compute_logits(last), _boundary_mask(runner, last.device))
+                mass = boundary_mass(runner.model.compute_logits(last), _boundary_mask(runner, last.device))
                 tensors.logprobs[num_prompt_tokens - 2, k].copy_(mass[0], non_blocking=True)
             continue
         hidden = hidden_states[offset : offset + num_logits]
@@ -244,7 +240,7 @@ def _prompt_logprobs(
             after[:-1] = b[1:]
             if req_id in completed:
                 last = hidden_states[offset + num_logits : offset + num_logits + 1]
-                after[-1:] = _boundary_mass(runner.model.compute_logits(last), mask)
+                after[-1:] = boundary_mass(runner.model.compute_logits(last), mask)
             else:
                 after[-1:] = float("nan")  # filled by the next chunk
             logprobs = torch.cat((logprobs, after[:, None]), dim=1)
@@ -286,7 +282,7 @@ def _target_rows(
         lps = [lp] + ([top_lp] if k else [])
         if mask is not None:
             ids.append(torch.full_like(t[:, None], WORDS_ID))
-            lps.append(_boundary_mass(logits, mask)[:, None])
+            lps.append(boundary_mass(logits, mask)[:, None])
         ids_out.append(torch.cat(ids, dim=1).to(torch.int32))
         lp_out.append(torch.cat(lps, dim=1))
         rank_out.append(rank)
@@ -309,35 +305,10 @@ def _rows(x: Any, t: Any, k: int):
 
 
 _compiled: Any = None
-_mask: Any = None
-
-
-def _boundary_mass(logits: Any, mask: Any):
-    """log P_B per row: the logsumexp of the logits of B less that of all (float32)."""
-    import torch
-
-    x = logits.float()
-    if mask.shape[0] != x.shape[-1]:
-        raise ValueError(f"a mask of {mask.shape[0]} tokens for {x.shape[-1]} logits")
-    return torch.logsumexp(x.masked_fill(~mask, float("-inf")), dim=-1) - torch.logsumexp(x, dim=-1)
 
 
 def _boundary_mask(runner: Any, device: Any):
-    """B (`vllm_loglik.words.boundary_ids`) over the model's logits, from the engine's own
-    tokenizer, built once per process."""
-    global _mask
-    if _mask is None:
-        from vllm.tokenizers import cached_tokenizer_from_config
-
-        from .tokenization import Tokenization
-        from .words import boundary_mask
-
-        tokenizer = cached_tokenizer_from_config(runner.model_config)
-        if tokenizer is None:
-            raise ValueError("the engine has no tokenizer (skip_tokenizer_init) to find B with")
-        width = runner.model_config.get_vocab_size()
-        _mask = boundary_mask(Tokenization(tokenizer), width).to(device)
-    return _mask
+    return boundary_mask(runner.model_config, device)
 
 
 def _fused(logits: Any, targets: Any, k: int):

@@ -69,9 +69,9 @@ from ..engine_output import (
     unreadable_reason,
 )
 from ..engine_requests import last_output
-from ..fingerprints import Reliance, checked
+from ..reliance import Reliance, checked
 from ..spans import Span
-from ..target_logprobs import MARK, switched_off
+from ..engine_marks import MARK, switched_off
 
 logger = logging.getLogger("vllm.loglik.server")
 
@@ -421,6 +421,10 @@ class EchoEngineClient:
         tail_params.flat_logprobs = True
         tail_params.skip_reading_prefix_cache = lookup.known == 0
         tail_params.extra_args = {**(params.extra_args or {}), MARK: True}
+        if lookup.known and start < len(ids):
+            # On V2's scoring fields, the rows from the first unknown one on: the engine reads
+            # the cache up to there (its hit limit) and returns nothing before it.
+            tail_params = self._scoring.runner.with_start(tail_params, start)
         if start >= len(ids):  # every row known: the engine only generates
             tail_params.prompt_logprobs = None
             tail_params.skip_reading_prefix_cache = False

@@ -20,17 +20,16 @@ from ..engine_requests import (
     fast_paths,
     last_output,
     lora_mixing_unsafe,
-    path_line,
     lora_scoring_problem,
     prefix_block_size,
     run_async,
     score_spans,
 )
-from ..fingerprints import checked
 from ..jobs import Job, Scorer
+from ..reliance import checked
+from ..runners import path_line, runner_of
 from ..scoring import Score
 from ..target_logprobs import FALLBACK_REASON
-from ..target_logprobs import problem as target_path_problem
 from . import echo
 from .limits import Limits
 from .lora_turns import Turns
@@ -72,6 +71,8 @@ class ServerScoring:
         self.max_logprobs = (
             engine_client.model_config.get_vocab_size() if max_logprobs == -1 else max_logprobs
         )
+        #: How this package scores on the engine's model runner (`vllm_loglik.runners`).
+        self.runner = runner_of(engine_client.vllm_config)
         self.block_size = prefix_block_size(engine_client.vllm_config)
         #: Why the engine's prefix cache is not read although it is on (the installed vLLM's
         #: output layouts are not verified), if so: each scoring request is then counted.
@@ -85,10 +86,10 @@ class ServerScoring:
             logger.warning("loglikelihood requests will be refused: %s", self.lora_problem)
         #: Base-model and adapter scoring take turns where the engine would mix them up.
         self.turns = Turns() if lora_mixing_unsafe(engine_client.vllm_config) else None
-        #: Why the engine computes prompt logprobs on vLLM's own path rather than the
-        #: target-only one (`vllm_loglik.target_logprobs`), if it does: each scoring request
-        #: is then counted as a fallback.
-        self.path_problem = target_path_problem(engine_client.vllm_config)
+        #: Why the engine computes prompt logprobs on vLLM's own path where its runner has a
+        #: faster one (`vllm_loglik.runners`), if it does: each scoring request is then counted
+        #: as a fallback.
+        self.path_problem = self.runner.prompt_logprobs_problem
         if self.path_problem is not None:
             logger.warning("vllm-loglik scores with vLLM's own prompt logprobs: %s", self.path_problem)
         #: Why corrected word probabilities cannot be computed here (the request's 400), if so.
@@ -186,7 +187,7 @@ class ServerScoring:
         stats = ProtocolStats()
         protocol = score_spans(
             spans, top_logprobs, self.block_size, f"loglik-{uuid.uuid4().hex}", warm_single=True,
-            stats=stats, words=words,
+            stats=stats, words=words, runner=self.runner,
         )  # fmt: skip
         scores: list[Score] = []
         try:

@@ -33,7 +33,7 @@ import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ..fingerprints import Reliance, checked
+from ..reliance import Reliance, checked
 
 logger = logging.getLogger("vllm.loglik.server")
 

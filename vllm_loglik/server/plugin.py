@@ -53,7 +53,7 @@ from starlette.exceptions import HTTPException  # what FastAPI raises; its own s
 
 from vllm.entrypoints.serve.utils.api_utils import with_cancellation
 
-from ..fingerprints import Reliance, checked, report
+from ..reliance import Reliance, checked, report
 from . import engine_death
 from .chat import score_chat
 from .completions import score_completion

@@ -1,0 +1,54 @@
+"""What both runners' engine patches share: the mark of this package's requests, the switches,
+and the word-boundary mass that corrected word scores need.
+
+The V1 patch (`vllm_loglik.target_logprobs`) and the V2 one (`vllm_loglik.v2_scoring`) each
+change one step of vLLM's worker for the requests that carry `MARK` in
+`SamplingParams.extra_args`, and compute log P_B per row the same way, from the same B (the
+tokens that begin a word: `vllm_loglik.words.boundary_ids`, found with the engine's own
+tokenizer). Nothing here is imported by vLLM or changes it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+#: The `SamplingParams.extra_args` key that marks a request as vllm-loglik's.
+MARK = "vllm_loglik"
+#: The `extra_args` key of a marked request that wants word-boundary masses (`vllm_loglik.words`).
+WORDS = "vllm_loglik_words"
+
+_masks: dict[int, Any] = {}
+
+
+def switched_off(name: str) -> bool:
+    """Whether the environment turns the switch `name` off (`0`, `false`, `no` or `off`)."""
+    return os.environ.get(name, "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def boundary_mass(logits: Any, mask: Any):
+    """log P_B per row: the logsumexp of the logits of B less that of all (float32)."""
+    import torch
+
+    x = logits.float()
+    if mask.shape[0] != x.shape[-1]:
+        raise ValueError(f"a mask of {mask.shape[0]} tokens for {x.shape[-1]} logits")
+    return torch.logsumexp(x.masked_fill(~mask, float("-inf")), dim=-1) - torch.logsumexp(x, dim=-1)
+
+
+def boundary_mask(model_config: Any, device: Any):
+    """B (`vllm_loglik.words.boundary_ids`) over the model's logits, from the engine's own
+    tokenizer, built once per process and model."""
+    mask = _masks.get(id(model_config))
+    if mask is None:
+        from vllm.tokenizers import cached_tokenizer_from_config
+
+        from .tokenization import Tokenization
+        from .words import boundary_mask as words_mask
+
+        tokenizer = cached_tokenizer_from_config(model_config)
+        if tokenizer is None:
+            raise ValueError("the engine has no tokenizer (skip_tokenizer_init) to find B with")
+        width = model_config.get_vocab_size()
+        mask = _masks[id(model_config)] = words_mask(Tokenization(tokenizer), width).to(device)
+    return mask

@@ -1,0 +1,243 @@
+"""Scoring on vLLM's Model Runner V2 through its own prompt-scoring fields (vLLM 0.34 on).
+
+Every GPU runs Model Runner V2, and from vLLM 0.34 on it is the only runner (the CPU build's
+`CPUModelRunner` and V1's `GPUModelRunner` are gone). Its prompt scoring has public
+`SamplingParams` fields that do what the V1 patch (`vllm_loglik.target_logprobs`) and the
+warm-up protocol needed code of their own for, so on V2 this package uses them:
+
+* `prompt_logprob_start = s`: prompt rows before `s` are not returned (their entries are
+  `None`), and a request with `skip_reading_prefix_cache=False` reads the prefix cache up to
+  `s`, rounded down to a block (`vllm/v1/request.py`, `Request.get_prefix_cache_hit_limit`),
+  never past it. A span scored from position `p` sets `s = p - 1` (row `r` predicts token
+  `r + 1`), so the continuations of one context read it from the cache and the row that
+  predicts their first token is always computed. The list of entries keeps one per prompt
+  position, so `vllm_loglik.engine_output` reads it as the V1 layout: position `p` at index `p`.
+* `prompt_logprobs = k` gives each scored row's logprob, rank and top k, computed by V2's
+  `PromptLogprobsWorker` (a fused logsumexp and ranks, no full log-softmax): nothing to patch.
+
+What the fields cannot give is the word-boundary mass of corrected word scores
+(`vllm_loglik.words`): log P_B, the log of the probability of every token in B at a row, a sum
+over thousands of tokens. That is the one patch of this module, in the engine's worker:
+
+* A request that wants words sends `prompt_logprob_token_ids` of shape `[rows, 2]`, every id
+  `-1` (vLLM's padding, which it scores `-inf`), with `extra_args["vllm_loglik_words"]`.
+* `install` wraps `compute_prompt_token_id_logprobs` of V2's two prompt-logprob workers, the GPU
+  runner's `PromptLogprobsWorker` (`vllm/v1/worker/gpu/sample/prompt_logprob.py`) and the
+  standalone CPU runner's `CPUPromptLogprobsWorker` (`vllm/v1/worker/cpu/logprob.py`), which
+  share this method and its state (`token_id_scores`, `prompt_logprob_start`), so one code path
+  covers both. For the marked requests it fills column 0 of row `r` with log P_B of row `r`'s
+  distribution and column 1 with that of row `r + 1` (for the last row, the distribution after
+  the prompt, where the engine samples), chunk by chunk as vLLM fills its own scores; every
+  other request goes through vLLM's method unchanged, in the same step.
+* Where the patch does not run (switched off, code not verified), the columns come back
+  `-inf`, and `vllm_loglik.engine_output` refuses them: never an uncorrected number.
+
+Where this applies: the engine runs V2 (`use_v2_model_runner`, or a vLLM without V1), and the
+vLLM code in `RELIES_ON` is that of a version it was verified on (`vllm_loglik.reliance`).
+vLLM 0.32 and 0.33's V2 (a GPU's) lack the hit limit and, with `prompt_logprobs`, the start;
+they keep the package's V2-layout reading (`vllm_loglik.engine_output`) and vLLM's own path.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .engine_marks import MARK, WORDS, boundary_mass, boundary_mask, switched_off
+from .reliance import Reliance, checked, vllm_version
+
+logger = logging.getLogger("vllm.loglik.v2_scoring")
+
+#: The vLLM code that scoring on V2's fields relies on: the hit limit of the prefix cache, both
+#: prompt-logprob workers (whose token-id method the word patch wraps), how the output
+#: processor lays out rows before the start, and the containers it returns.
+RELIES_ON = Reliance(
+    "v2_scoring",
+    (
+        "vllm.v1.request:Request.get_prefix_cache_hit_limit",
+        "vllm.v1.worker.gpu.sample.prompt_logprob:PromptLogprobsWorker",
+        "vllm.v1.worker.cpu.logprob:CPUPromptLogprobsWorker",
+        "vllm.v1.engine.logprobs:LogprobsProcessor._update_prompt_logprobs",
+        "vllm.logprobs",
+    ),
+    "V2's own prompt logprobs without its scoring fields: no prefix-cache reads, no corrected "
+    "word scores",
+)
+#: The switch of the word-mass patch (on unless set to 0).
+ENV = "VLLM_LOGLIK_V2_WORDS"
+#: The worker classes whose `compute_prompt_token_id_logprobs` the patch wraps.
+WORKERS = (
+    ("vllm.v1.worker.gpu.sample.prompt_logprob", "PromptLogprobsWorker"),
+    ("vllm.v1.worker.cpu.logprob", "CPUPromptLogprobsWorker"),
+)
+#: Rows of logits computed at once for the masses (as vLLM's own `CHUNK_SIZE`).
+CHUNK_ROWS = 1024
+
+_installed = False
+
+
+def runs_v2(vllm_config: Any) -> bool:
+    """Whether the engine runs Model Runner V2: vLLM 0.32/0.33 say so in the configuration
+    (`use_v2_model_runner`); from 0.34 on there is no other runner."""
+    return bool(getattr(vllm_config, "use_v2_model_runner", True))
+
+
+def problem(vllm_config: Any) -> str | None:
+    """Why scoring on V2's fields does not apply to this engine, or None where it does."""
+    if not runs_v2(vllm_config):
+        return "the engine runs the V1 model runner"
+    return checked(RELIES_ON).reason()
+
+
+def words_problem(vllm_config: Any) -> str | None:
+    """Why the engine cannot compute word-boundary masses on V2, or None where it can."""
+    if switched_off(ENV):
+        return f"turned off ({ENV}=0)"
+    mode = str(getattr(vllm_config.model_config, "logprobs_mode", "raw_logprobs"))
+    if mode not in ("raw_logprobs", "processed_logprobs"):
+        return f"logprobs_mode {mode} returns logits, which have no word-boundary mass"
+    return problem(vllm_config)
+
+
+def scoring_fields(num_tokens: int, start: int, words: bool) -> dict[str, Any]:
+    """The `SamplingParams` fields of a span of `num_tokens` prompt tokens scored from position
+    `start` (>= 1): rows from `start - 1` on, and with `words` the `[rows, 2]` token ids (all
+    padding) whose columns the patch fills with word-boundary masses."""
+    fields: dict[str, Any] = {"prompt_logprob_start": start - 1}
+    if words:
+        import numpy as np
+
+        fields["prompt_logprob_token_ids"] = np.full((num_tokens - start, 2), -1, dtype=np.int32)
+    return fields
+
+
+def install() -> None:
+    """Wrap both V2 workers' `compute_prompt_token_id_logprobs` in this process (see the module
+    docstring); a no-op where the code is not verified or the patch is switched off."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    if switched_off(ENV):
+        return
+    verdict = checked(RELIES_ON)
+    if not verdict.holds:
+        # Where the engine runs V2 without this code, the start-up line says so (`runners`).
+        logger.info(
+            "vllm-loglik on vLLM %s: no V2 patch of token-id scores in this process (%s)",
+            vllm_version(), verdict.reason(),
+        )  # fmt: skip
+        return
+    import importlib
+
+    for module, name in WORKERS:
+        _wrap(getattr(importlib.import_module(module), name))
+
+
+def _wrap(worker: type) -> None:
+    original_init = worker.__init__
+    original_add = worker.add_request
+    original = worker.compute_prompt_token_id_logprobs
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        # The model's configuration, for B (the worker is made while the runner is, inside
+        # vLLM's `set_current_vllm_config`; the worker itself keeps none).
+        from vllm.config import get_current_vllm_config_or_none
+
+        config = get_current_vllm_config_or_none()
+        self._vllm_loglik_model = None if config is None else config.model_config
+
+    def add_request(self: Any, req_id: str, req_idx: int, sampling_params: Any) -> None:
+        original_add(self, req_id, req_idx, sampling_params)
+        extra = sampling_params.extra_args or {}
+        ours = self.__dict__.setdefault("_vllm_loglik_words", {})
+        if extra.get(MARK) and extra.get(WORDS) and req_id in self.token_id_scores:
+            ours[req_id] = None
+        else:
+            ours.pop(req_id, None)
+
+    def compute_prompt_token_id_logprobs(
+        self: Any, logits_fn: Any, hidden_states: Any, input_batch: Any, prompt_lens: Any
+    ) -> dict[str, Any]:
+        ours = self.__dict__.get("_vllm_loglik_words")
+        if not ours:
+            return original(self, logits_fn, hidden_states, input_batch, prompt_lens)
+        mine = {r: self.token_id_scores.pop(r) for r in ours if r in self.token_id_scores}
+        try:
+            out = original(self, logits_fn, hidden_states, input_batch, prompt_lens)
+        finally:
+            self.token_id_scores.update(mine)
+        try:
+            out.update(_word_masses(self, logits_fn, hidden_states, input_batch, prompt_lens, ours))
+        except Exception as e:  # never the engine's death: the masses stay unset (-inf)
+            logger.warning("vllm-loglik: no word-boundary masses (%s: %s)", type(e).__name__, e)
+            for req_id in [r for r in ours if r in self.token_id_scores]:
+                req = self.token_id_scores.pop(req_id)
+                ours.pop(req_id, None)
+                if req.scores is not None:
+                    out[req_id] = req.scores.fill_(float("-inf"))
+        return out
+
+    __init__.__wrapped__ = original_init  # type: ignore[attr-defined]
+    add_request.__wrapped__ = original_add  # type: ignore[attr-defined]
+    compute_prompt_token_id_logprobs.__wrapped__ = original  # type: ignore[attr-defined]
+    worker.__init__ = __init__
+    worker.add_request = add_request
+    worker.compute_prompt_token_id_logprobs = compute_prompt_token_id_logprobs
+
+
+def _word_masses(
+    worker: Any, logits_fn: Any, hidden_states: Any, input_batch: Any, prompt_lens: Any,
+    ours: dict[str, None],
+) -> dict[str, Any]:  # fmt: skip
+    """vLLM's loop of `compute_prompt_token_id_logprobs` for the marked requests, with column 0
+    of row r holding log P_B of row r and column 1 that of row r + 1: the same chunks, the same
+    skipping of decode steps and resumed requests, the same emission on the prompt's last
+    chunk."""
+    import torch
+
+    out: dict[str, Any] = {}
+    for i, req_id in enumerate(input_batch.req_ids):
+        if req_id not in ours:
+            continue
+        req = worker.token_id_scores.get(req_id)
+        if req is None:
+            continue
+        req_idx = input_batch.idx_mapping_np[i]
+        prompt_len = int(prompt_lens[req_idx])
+        start = int(worker.prompt_logprob_start[req_idx])
+        chunk_start = int(input_batch.num_computed_prefill_tokens_np[i])
+        chunk_end = chunk_start + int(input_batch.num_scheduled_tokens[i])
+        if chunk_start >= prompt_len or prompt_len < input_batch.prefill_len_np[i]:
+            worker.token_id_scores.pop(req_id, None)
+            ours.pop(req_id, None)
+            continue
+        if req.scores is None:
+            if chunk_start > start:
+                worker.token_id_scores.pop(req_id, None)
+                ours.pop(req_id, None)
+                continue
+            req.scores = torch.full_like(req.token_ids, float("nan"), dtype=torch.float32)
+        # Unlike vLLM's own loop, the last prompt row counts: its mass is the last row's
+        # column 1 (the distribution after the prompt).
+        lo = max(start, chunk_start)
+        hi = min(chunk_end, prompt_len)
+        base = int(input_batch.query_start_loc_np[i]) - chunk_start
+        rows = req.scores.shape[0]
+        for a in range(lo, hi, CHUNK_ROWS):
+            b = min(a + CHUNK_ROWS, hi)
+            logits = logits_fn(hidden_states[base + a : base + b])
+            mask = boundary_mask(worker._vllm_loglik_model, logits.device)
+            mass = boundary_mass(logits, mask).to(torch.float32)
+            own = slice(a - start, min(b - start, rows))
+            req.scores[own, 0] = mass[: own.stop - own.start]
+            # Row r's mass is also column 1 of row r - 1.
+            prev_lo = max(a - start - 1, 0)
+            prev_hi = b - start - 1
+            req.scores[prev_lo:prev_hi, 1] = mass[prev_lo - (a - start - 1) :]
+        if chunk_end >= prompt_len:
+            out[req_id] = req.scores
+            worker.token_id_scores.pop(req_id, None)
+            ours.pop(req_id, None)
+    return out
