@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from vllm_loglik.reliance import source_of
 from vllm_loglik.testing import ApiServer, with_pythonpath
 
 # Each engine reserves this much KV cache (GiB); vLLM's CPU default of 92% of NUMA node 0
@@ -40,6 +41,10 @@ def pytest_collection_modifyitems(config, items):
         if item.get_closest_marker("soak"):
             item.add_marker(skip)
 
+
+#: Whether the installed vLLM has Model Runner V1 (0.32, 0.33: the CPU build runs it); from
+#: 0.34 on only V2 runs (`make test-vllm-next`), and the tests of V1's patch skip there.
+HAS_V1 = source_of("vllm.v1.worker.gpu_model_runner:GPUModelRunner") is not None
 
 #: Small on purpose: rolling texts longer than three windows stay short.
 MAX_MODEL_LEN = 128

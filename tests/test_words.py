@@ -166,3 +166,62 @@ def test_words_across_prefill_chunks_equal_the_reference(llm, ref):
         assert [w.text for w in score.words] == [w.text for w in expected]
         assert [w.logprob for w in score.words] == pytest.approx([w.logprob for w in expected], abs=TOL)
         assert all(math.isfinite(w.logprob) for w in score.words)
+
+
+#: Japanese, then Chinese: on the demo's byte-level BPE tokenizer (trained on English text),
+#: their characters are split into one- and two-byte tokens, some across two characters.
+CJK = "日本語の文章です 中文句子测试一下吧 done 🙂x"
+
+
+def _overlapping(pieces: list[bytes], lo: int, hi: int) -> list[int]:
+    """The indexes of the pieces whose bytes overlap `[lo, hi)` of their concatenation."""
+    out, at = [], 0
+    for i, p in enumerate(pieces):
+        if at < hi and at + len(p) > lo and p:
+            out.append(i)
+        at += len(p)
+    return out
+
+
+@pytest.mark.parametrize("bos", [False, True], ids=["no-bos", "bos"])
+def test_every_token_of_a_word_counts_whatever_the_first_token_splits(llm, ref, tokens, bos):
+    """A prompt whose first token (unscored without BOS) holds the first bytes of a character:
+    the entry's text starts with that whole character, never U+FFFD, and every word's tokens
+    are all the tokens that hold one of its bytes (a 22-token Chinese word keeps all 22), with
+    their logprobs summed as transformers computes them."""
+    ids = tokens.encode_plain(CJK)
+    first_bytes = tokens.text_bytes(ids[0])
+    assert not CJK.startswith(first_bytes.decode(errors="replace"))  # it splits a character
+    if bos:
+        ids = [ref.tokenizer.bos_token_id, *ids]
+    (score,) = vllm_loglik.prompt_loglikelihood(
+        llm, [ids], words=True, word_probability="tokens", top_logprobs=0
+    )
+    assert "\ufffd" not in score.text and CJK.endswith(score.text)
+    pieces = [bytes(t.bytes) for t in score.tokens]
+    data = score.text.encode()
+    head = len(data) - len(b"".join(pieces))  # the bytes of the split character before them
+    assert data.endswith(b"".join(pieces)) and (head == 0 if bos else 0 < head < 4)
+    want, _ = ref.token_logprobs(ids)
+    first = 1
+    for word in score.words:
+        lo = len(score.text[: word.offset].encode()) - head
+        hi = lo + len(word.text.encode())
+        held = _overlapping(pieces, lo, hi)
+        assert word.num_tokens == len(held), word
+        assert word.tokens_logprob == pytest.approx(
+            math.fsum(want[first - 1 + i] for i in held), abs=TOL * len(held)
+        )
+        assert word.logprob == word.tokens_logprob
+    chinese = next(w for w in score.words if w.text.startswith("中"))
+    assert chinese.num_tokens >= 20
+    (corrected,) = vllm_loglik.prompt_loglikelihood(llm, [ids], words=True)
+    assert [w.tokens_logprob for w in corrected.words] == pytest.approx(
+        [w.tokens_logprob for w in score.words], abs=TOL
+    )
+    assert [w.num_tokens for w in corrected.words] == [w.num_tokens for w in score.words]
+    assert all(math.isfinite(w.logprob) for w in corrected.words)
+    if bos:
+        assert score.text == CJK and score.words[0].text == "日本語の文章です"
+    else:
+        assert score.words[0].text == "中文句子测试一下吧"  # the first word has no first logprob

@@ -7,7 +7,7 @@ vLLM has had two model runners, which compute prompt logprobs in code of their o
 | --- | --- | --- | --- | --- |
 | `V1` | the CPU build (vLLM 0.32, 0.33), GPUs with `VLLM_USE_V2_MODEL_RUNNER=0` | the target-only patch (`vllm_loglik.target_logprobs`) | warm-up, then cache reads with `detokenize=False`, read in V1's layout (`vllm_loglik.engine_output`) | two more columns of the patch |
 | `V2` | every vLLM from 0.34 on, on a GPU or the standalone CPU runner | V2's own (`prompt_logprobs`, `prompt_logprob_start`) | warm-up, then cache reads up to `prompt_logprob_start` (vLLM's hit limit) | `prompt_logprob_token_ids` columns filled by `vllm_loglik.v2_scoring` |
-| `V2 (before 0.34)` | GPUs on vLLM 0.32, 0.33 | V2's own, counted as a fallback | cache reads in V2's layout | none |
+| `V2 without scoring fields` | GPUs on vLLM 0.32, 0.33 | V2's own, counted as a fallback | cache reads in V2's layout | none |
 
 `runner_of(vllm_config)` decides which applies from the configuration and the installed vLLM's
 code (each module's `RELIES_ON`, `vllm_loglik.reliance`), once per engine. The offline API, the
@@ -32,7 +32,7 @@ from .reliance import checked
 class Runner:
     """How this package scores on one engine."""
 
-    #: `V1`, `V2`, or `V2 (before 0.34)`: named in the start-up line.
+    #: `V1`, `V2`, or `V2 without scoring fields`: named in the start-up line.
     name: str
     #: Whether the engine takes V2's scoring fields (`vllm_loglik.v2_scoring`).
     fields: bool
@@ -117,7 +117,7 @@ def _choose(vllm_config: Any) -> Runner:
     layout = checked(OUTPUT_LAYOUT).reason() if caching else None
     why = v2_scoring.problem(vllm_config)
     return Runner(
-        "V2 (before 0.34)", False,
+        "V2 without scoring fields", False,
         f"V2 without its scoring fields computes logprobs for every prompt position ({why})",
         layout, f"V2 without its scoring fields ({why})",
     )  # fmt: skip

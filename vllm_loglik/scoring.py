@@ -131,8 +131,38 @@ def score_span(
 
 
 def scored_text(tokens: Tokenization, span: Span) -> str:
-    """What the scored tokens of `span` stand for in the text: their `bytes`, joined."""
-    return tokens.text_of(span.scored_token_ids, frozenset(p - span.start for p in span.trim))
+    """What the scored tokens of `span` stand for in the text: their `bytes`, joined, from the
+    first character they touch. Where the first scored token starts inside a character (a
+    byte-level tokenizer whose unscored first token holds the first bytes of a CJK character
+    or an emoji), the text starts with that whole character, its first bytes taken from the
+    tokens before the span, never with replacement characters for them."""
+    data = b"".join(
+        tokens.text_bytes(t, p in span.trim)
+        for p, t in enumerate(span.prompt_token_ids[span.start :], span.start)
+    )
+    head = _split_head(tokens, span, data)
+    return (head + data).decode("utf-8", errors="replace")
+
+
+def _split_head(tokens: Tokenization, span: Span, data: bytes) -> bytes:
+    """The first bytes of the character that `data` (the scored bytes) starts inside, from the
+    tokens before the span; empty where `data` starts a character."""
+    tail = len(data) - len(data.lstrip(bytes(range(0x80, 0xC0))))
+    if not tail or tail > 3:
+        return b""
+    before = b""
+    for p in range(span.start - 1, -1, -1):  # the few bytes before the span, token by token
+        before = tokens.text_bytes(span.prompt_token_ids[p], p in span.trim) + before
+        if len(before) >= 4:
+            break
+    for lead in range(1, 4):
+        head = before[-lead:]
+        first = head[:1]
+        if len(head) == lead and first and first[0] >= 0xC0:
+            size = 2 if first[0] < 0xE0 else 3 if first[0] < 0xF0 else 4
+            if size == lead + tail and all(0x80 <= b < 0xC0 for b in head[1:]):
+                return head
+    return b""
 
 
 def score_totals(span: Span, rows: ScoredRows) -> tuple[float, bool]:

@@ -220,14 +220,15 @@ def layout(
     data: bytes | str = text.encode("utf-8", errors="surrogatepass")
     base = scored.find(data) if data else 0
     char_at = _char_bytes(text)
-    if base < 0 and scored.decode("utf-8", errors="replace") == text:
+    if base < 0:
+        base = _split_start(scored, data, text)
+    if base is None and scored.decode("utf-8", errors="replace") == text:
         # Token ids that split a character (the text shows U+FFFD there): the tokens are laid
-        # on the text's characters instead of its bytes, each token from the first character
-        # its bytes reach to the last.
-        reach = [len(scored[:e].decode("utf-8", errors="replace")) for e in ends]
-        ends, starts = reach, [0, *reach[:-1]]
+        # on the text's characters instead of its bytes, each token over every character that
+        # one of its bytes is in (a character split over several tokens is in each of them).
+        starts, ends = _token_chars(scored, starts, ends)
         scored, data, base, char_at = text, text, 0, list(range(len(text) + 1))
-    elif base < 0:  # a template that strips the message's content
+    elif base is None:  # a template that strips the message's content
         stripped = text.strip()
         shift_chars = text.find(stripped) if stripped else 0
         base = scored.find(stripped.encode("utf-8")) if stripped else -1
@@ -276,10 +277,42 @@ def layout(
             # token has no logprob, so the rest of it is left out too.
             if (
                 out and out[0].first == 0 and not _is_space_end(head)
-                and not _is_space_start(pieces[0]) and starts[0] == base + char_at[out[0].offset]
+                and not _is_space_start(pieces[0]) and starts[0] >= base + char_at[out[0].offset]
             ):  # fmt: skip
                 out.pop(0)
     return WordLayout(tuple(out), corrected, left_out)
+
+
+def _split_start(scored: bytes | str, data: bytes | str, text: str) -> int | None:
+    """Where `text` starts in the scored bytes when the scored tokens start inside its first
+    character (`vllm_loglik.scoring.scored_text` puts that whole character at the text's
+    start): a negative offset, the bytes of that character before the first scored token;
+    None where that is not so."""
+    if not text or not isinstance(data, bytes):
+        return None
+    size = len(text[0].encode("utf-8", errors="surrogatepass"))
+    for cut in range(1, size):
+        if scored.startswith(data[cut:size]) and scored.find(data[cut:]) == 0:
+            return -cut
+    return None
+
+
+def _token_chars(
+    scored: bytes, starts: list[int], ends: list[int]
+) -> tuple[list[int], list[int]]:
+    """Each token's `[first, last + 1)` characters in `scored` decoded with replacement: the
+    character of a byte is the last one of the prefix that ends with it (a prefix that stops
+    inside a character decodes it as one replacement character, as the whole text does)."""
+
+    def char_of(byte: int) -> int:
+        return len(scored[: byte + 1].decode("utf-8", errors="replace")) - 1
+
+    first, last = [], []
+    for s, e in zip(starts, ends, strict=True):
+        at = char_of(s) if e > s else (char_of(s - 1) + 1 if s else 0)  # an empty token: after
+        first.append(at)
+        last.append(char_of(e - 1) + 1 if e > s else at)
+    return first, last
 
 
 def log1mexp(x: float) -> float:
