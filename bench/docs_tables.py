@@ -15,6 +15,16 @@ DOCS_TABLES: dict[Path, tuple[str, ...] | None] = {
 }
 TABLE_START = "<!-- bench table: written by bench/run.py from bench/latest.json; do not edit -->"
 TABLE_END = "<!-- end of bench table -->"
+#: The performance page's table of the rows measured on another vLLM (`run.py --vllm VERSION`,
+#: `bench/latest-vllm-VERSION.json`): vLLM 0.34's Model Runner V2.
+NEXT_PAGE = ROOT / "docs" / "performance.md"
+
+
+def next_markers(version: str) -> tuple[str, str]:
+    return (
+        f"<!-- bench table of vLLM {version}: written by bench/run.py --vllm {version}; do not edit -->",
+        f"<!-- end of bench table of vLLM {version} -->",
+    )
 
 
 def table_rows(text: str, rows: tuple[str, ...] | None) -> str:
@@ -30,9 +40,14 @@ def shown(page: Path) -> str:
     return text.split(TABLE_START + "\n", 1)[1].split("\n" + TABLE_END, 1)[0]
 
 
-def write_docs_table(text: str) -> None:
-    """Put the rows of a bench table into the pages that show them."""
-    for page, rows in DOCS_TABLES.items():
-        head, _, rest = page.read_text().partition(TABLE_START + "\n")
-        _, _, tail = rest.partition(TABLE_END)
-        page.write_text(f"{head}{TABLE_START}\n{table_rows(text, rows)}\n{TABLE_END}{tail}")
+def write_docs_table(text: str, version: str | None = None) -> None:
+    """Put the rows of a bench table into the pages that show them (those of another vLLM
+    `version` into the performance page's table of that version)."""
+    pages = DOCS_TABLES.items() if version is None else [(NEXT_PAGE, None)]
+    start, end = (TABLE_START, TABLE_END) if version is None else next_markers(version)
+    for page, rows in pages:
+        head, found, rest = page.read_text().partition(start + "\n")
+        if not found:
+            raise SystemExit(f"{page} has no {start!r}")
+        _, _, tail = rest.partition(end)
+        page.write_text(f"{head}{start}\n{table_rows(text, rows)}\n{end}{tail}")

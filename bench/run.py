@@ -57,6 +57,9 @@ flags. `--only KEY[,KEY]` re-runs some rows (keys of the JSON: `offline`, `serve
 `token_responses`, `echo`, `memory_large_vocab`, `words`, `report`) and keeps
 the others' figures from the existing JSON.
 Prints a markdown table and writes the figures as JSON (`bench/latest.json`, or `--json PATH`).
+`--vllm VERSION` runs the rows on another vLLM's Python (`tests/vllm_next/build_tree.py`, first
+on `PYTHONPATH`: for 0.34.0, Model Runner V2's standalone CPU runner) and writes
+`bench/latest-vllm-VERSION.json` and that version's table of the performance page.
 `--smoke` runs the same code on the tiny test model with a few prompts, to keep this script
 working (`make soak` runs it); its figures mean nothing.
 """
@@ -113,11 +116,14 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny model, few prompts")
     parser.add_argument("--json", type=Path, help="where to write the figures")
     parser.add_argument("--only", help="re-run these rows (JSON keys, comma-separated)")
+    parser.add_argument("--vllm", help="run on this vLLM version's Python (build_tree.py)")
     parser.add_argument(
         "--offline-child", choices=["rows", "mc", "batch", "responses", "lm_ours", "lm_vllm"],
         help=argparse.SUPPRESS,
     )  # fmt: skip
     args = parser.parse_args()
+    if args.vllm and os.environ.get("VLLM_LOGLIK_BENCH_VLLM") != args.vllm:
+        _run_on(args.vllm)
     size = SMOKE if args.smoke else FULL
     cpu = cpu_info()
     # The smoke run checks numbers to 1e-4, which needs float32; its timings mean nothing.
@@ -140,7 +146,10 @@ def main() -> None:
         sys.stdout.flush()
         os._exit(0)  # skip the engine's teardown, which can abort the process at exit
 
-    out = args.json or (ROOT / "bench" / ("latest.json" if size.name == "full" else "smoke.json"))
+    name = "latest.json" if size.name == "full" else "smoke.json"
+    if args.vllm:
+        name = f"latest-vllm-{args.vllm}.json" if size.name == "full" else f"smoke-vllm-{args.vllm}.json"
+    out = args.json or (ROOT / "bench" / name)
     keys = ["offline", "server", "multiple_choice", "offline_multiple_choice", "batch",
             "lm_eval", "lm_eval_offline", "token_responses", "echo", "memory_large_vocab",
             "words", "report"]  # fmt: skip
@@ -152,6 +161,9 @@ def main() -> None:
         sys.exit(f"--only takes {', '.join(keys)}")
     results: dict = json.loads(out.read_text()) if args.only and out.exists() else {}
     results["size"] = size.name
+    import vllm
+
+    results["vllm"] = vllm.__version__
     # Where and in which dtype each row was measured (rows measured before this was recorded
     # keep no entry).
     where = results.setdefault("measured_on", {})
@@ -197,6 +209,8 @@ def main() -> None:
     out.write_text(json.dumps(results, indent=2))
     if out == ROOT / "bench" / "latest.json":
         write_docs_table(text)
+    elif args.vllm and out == ROOT / "bench" / f"latest-vllm-{args.vllm}.json":
+        write_docs_table(text, args.vllm)
     print(text)
     print(f"\nfigures written to {out}")
     # In float32 (the smoke run) the two paths must agree to 1e-4, as the tests require; in
@@ -214,6 +228,18 @@ def main() -> None:
     if dtype == "float32" and "echo" in only:
         if max(results["echo"][f"{task}_max_abs_diff"] for task in echo_rows.TASKS) > 1e-4:
             sys.exit("FAIL: local-completions gets other numbers from the plugin's server")
+
+
+def _run_on(version: str) -> None:
+    """Run this script again with `version`'s vLLM tree first on `PYTHONPATH` (its servers and
+    offline children inherit it)."""
+    sys.path.insert(0, str(ROOT / "tests" / "vllm_next"))
+    from build_tree import build
+
+    tree = build(version, ROOT / ".cache" / f"vllm-{version}")
+    env = dict(os.environ, VLLM_LOGLIK_BENCH_VLLM=version)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tree.resolve()), env.get("PYTHONPATH")) if p)
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
 if __name__ == "__main__":

@@ -117,11 +117,12 @@ def run_jobs(
         if problem is not None:
             raise ValueError(problem)
         cap = config.model_config.max_logprobs
-        if cap != -1 and top_logprobs + 2 > cap:
+        extra = runner_of(config).word_columns
+        if cap != -1 and extra and top_logprobs + extra > cap:
             raise ValueError(
                 f"top_logprobs is {top_logprobs}; with corrected words the engine computes two "
                 f"more prompt logprobs per position, and its max_logprobs is {cap}: at most "
-                f"{max(cap - 2, 0)} (or build the LLM with a larger max_logprobs)"
+                f"{max(cap - extra, 0)} (or build the LLM with a larger max_logprobs)"
             )
     spans = [span for job in jobs for span in job.spans]
     if not spans:

@@ -44,6 +44,12 @@ class Runner:
     #: Why the engine cannot compute word-boundary masses, if so.
     words_problem: str | None
 
+    @property
+    def word_columns(self) -> int:
+        """The prompt-logprob columns that word masses take beyond `top_logprobs` (V1's patch
+        puts them there; V2's come as token-id scores), which count against `max_logprobs`."""
+        return 0 if self.fields else 2
+
     def scoring_params(
         self, num_tokens: int, start: int, top_logprobs: int, read_cache: bool, words: bool
     ) -> Any:
@@ -56,7 +62,7 @@ class Runner:
 
         extra = {MARK: True, WORDS: True} if words else {MARK: True}
         fields = v2_scoring.scoring_fields(num_tokens, start, words) if self.fields else {}
-        k = top_logprobs + 2 if words and not self.fields else top_logprobs
+        k = top_logprobs + self.word_columns if words else top_logprobs
         return SamplingParams(
             max_tokens=1,
             prompt_logprobs=k,

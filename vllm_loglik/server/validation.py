@@ -38,15 +38,16 @@ def scoring_of(request: Any, raw_request: Request) -> tuple[ServerScoring, Logli
 
 def check_translation(scoring: ServerScoring, work: Translation) -> None:
     """The server's own checks of a translated request: its caps, and what this engine can
-    compute (corrected word probabilities need the target-only path, and two more prompt
-    logprobs per position than the alternatives asked for)."""
+    compute (corrected word probabilities need the engine's word masses, and on V1 two more
+    prompt logprobs per position than the alternatives asked for)."""
     scoring.limits.check_top_logprobs(work.top_logprobs, work.top_logprobs_field)
     scoring.limits.check_jobs(work.jobs, work.rolling)
     if not work.corrected_words:
         return
     if scoring.words_problem is not None:
         raise RequestError("loglikelihood.word_probability", scoring.words_problem)
-    if work.top_logprobs + 2 > scoring.max_logprobs:
+    extra = scoring.runner.word_columns
+    if extra and work.top_logprobs + extra > scoring.max_logprobs:
         raise RequestError(
             work.top_logprobs_field,
             f"{work.top_logprobs_field} is {work.top_logprobs}; with corrected words the engine "
