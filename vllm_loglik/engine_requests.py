@@ -46,7 +46,7 @@ from .engine_output import (
 )
 from .reliance import Reliance, checked
 from .spans import Span
-from .runners import Runner, path_line, runner_of  # noqa: F401  (path_line: callers import it here)
+from .runners import Runner, runner_of
 
 #: The CPU LoRA kernels, which decide whether base-model and adapter requests may share an
 #: engine step (`lora_mixing_unsafe`).
@@ -56,8 +56,9 @@ LORA_RELIES_ON = Reliance(
     "base-model and adapter requests take turns on the CPU",
 )
 #: The verified vLLM versions whose CPU LoRA kernels (those of `LORA_RELIES_ON`) skip the base
-#: model's index -1: vLLM 0.33 masks it (`lora/ops/torch_ops/lora_ops.py`), 0.32 does not.
-LORA_MASKS_BASE = ("0.33.0",)
+#: model's index -1: vLLM 0.33 and 0.34 (the same code) mask it (`lora/ops/torch_ops/lora_ops.py`),
+#: 0.32 does not.
+LORA_MASKS_BASE = ("0.33.0", "0.34.0")
 
 
 @dataclass(frozen=True)
