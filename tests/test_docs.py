@@ -74,3 +74,9 @@ def test_pages_show_the_latest_bench_rows():
     for page, rows in tables.DOCS_TABLES.items():
         assert tables.shown(page) == tables.table_rows(table, rows), page.name
         assert tables.shown(page).count("\n| ") >= (3 if rows else 10)
+    # The rows measured on vLLM 0.34's V2 runner (`bench/run.py --vllm 0.34.0`).
+    next_table = json.loads((ROOT / "bench" / "latest-vllm-0.34.0.json").read_text())["table"]
+    start, end = tables.next_markers("0.34.0")
+    page = tables.NEXT_PAGE.read_text()
+    shown = page.split(start + "\n", 1)[1].split("\n" + end, 1)[0]
+    assert shown == tables.table_rows(next_table, None) and shown.count("\n| ") >= 5
