@@ -225,3 +225,18 @@ def test_every_token_of_a_word_counts_whatever_the_first_token_splits(llm, ref, 
         assert score.text == CJK and score.words[0].text == "日本語の文章です"
     else:
         assert score.words[0].text == "中文句子测试一下吧"  # the first word has no first logprob
+
+
+def test_user_words_of_a_text_that_starts_inside_a_character(ref):
+    """User offsets from the text's first character (whose first bytes are in the unscored
+    first token) are laid on the scored tokens, not refused as splitting one."""
+    from vllm_loglik.jobs import Scorer
+
+    scorer = Scorer(ref.tokenizer, 512)
+    job = scorer.prompt(Tokenization(ref.tokenizer).encode_plain(CJK))
+    text = job.text
+    assert not CJK.startswith(text) and CJK.endswith(text)  # from the split character on
+    first, chinese = (0, text.index(" ")), (text.index("中"), text.index("吧") + 1)
+    placed = scorer.with_words(job, [first, chinese], False).words
+    assert [w.text for w in placed.words] == [text[slice(*first)], text[slice(*chinese)]]
+    assert placed.words[0].first == 0 and placed.words[1].last - placed.words[1].first + 1 >= 20

@@ -10,9 +10,13 @@ tokenizer). Nothing here is imported by vLLM or changes it.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
+from .reliance import Reliance, checked, vllm_version
+
+logger = logging.getLogger("vllm.loglik")
 #: The `SamplingParams.extra_args` key that marks a request as vllm-loglik's.
 MARK = "vllm_loglik"
 #: The `extra_args` key of a marked request that wants word-boundary masses (`vllm_loglik.words`).
@@ -24,6 +28,23 @@ _masks: dict[int, Any] = {}
 def switched_off(name: str) -> bool:
     """Whether the environment turns the switch `name` off (`0`, `false`, `no` or `off`)."""
     return os.environ.get(name, "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def may_patch(env: str, reliance: Reliance, what: str) -> bool:
+    """Whether a runner's patch (`what`) goes in in this process: not switched off with `env`,
+    and the vLLM code it relies on verified. Says why not: quietly where some of that code is
+    missing (a vLLM of the other runner: 0.34 has no V1, 0.32 no V2 scoring fields), as a
+    warning where it is all there but changed. The start-up line says what runs either way."""
+    if switched_off(env):
+        return False
+    verdict = checked(reliance)
+    if verdict.holds:
+        return True
+    gone = any(c.endswith("(missing)") for c in verdict.changed)
+    (logger.info if gone else logger.warning)(
+        "vllm-loglik on vLLM %s: no %s in this process (%s)", vllm_version(), what, verdict.reason()
+    )
+    return False
 
 
 def boundary_mass(logits: Any, mask: Any):

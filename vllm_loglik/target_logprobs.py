@@ -36,9 +36,9 @@ import logging
 import os
 from typing import Any
 
-from .engine_marks import MARK, WORDS, boundary_mass, boundary_mask, switched_off
+from .engine_marks import MARK, WORDS, boundary_mass, boundary_mask, may_patch, switched_off
 from .engine_output import WORDS_ID as ENGINE_WORDS_ID
-from .reliance import Reliance, checked, vllm_version
+from .reliance import Reliance, checked
 
 logger = logging.getLogger("vllm.loglik.target_logprobs")
 
@@ -110,16 +110,8 @@ def install() -> None:
     if _installed:
         return
     _installed = True
-    if switched_off(ENV):
-        return
-    verdict = checked(RELIES_ON)
-    if not verdict.holds:
-        # A vLLM without V1 (0.34 on) has nothing to patch here: V2 is `v2_scoring`'s.
-        gone = all(c.endswith("(missing)") for c in verdict.changed)
-        (logger.info if gone else logger.warning)(
-            "vllm-loglik on vLLM %s: no V1 patch of prompt logprobs in this process (%s)",
-            vllm_version(), verdict.reason(),
-        )  # fmt: skip
+    # A vLLM without V1 (0.34 on) has nothing to patch here: V2 is `v2_scoring`'s.
+    if not may_patch(ENV, RELIES_ON, "V1 patch of prompt logprobs"):
         return
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 

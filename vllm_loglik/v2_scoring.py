@@ -43,8 +43,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .engine_marks import MARK, WORDS, boundary_mass, boundary_mask, switched_off
-from .reliance import Reliance, checked, vllm_version
+from .engine_marks import MARK, WORDS, boundary_mass, boundary_mask, may_patch, switched_off
+from .reliance import Reliance, checked
 
 logger = logging.getLogger("vllm.loglik.v2_scoring")
 
@@ -118,15 +118,7 @@ def install() -> None:
     if _installed:
         return
     _installed = True
-    if switched_off(ENV):
-        return
-    verdict = checked(RELIES_ON)
-    if not verdict.holds:
-        # Where the engine runs V2 without this code, the start-up line says so (`runners`).
-        logger.info(
-            "vllm-loglik on vLLM %s: no V2 patch of token-id scores in this process (%s)",
-            vllm_version(), verdict.reason(),
-        )  # fmt: skip
+    if not may_patch(ENV, RELIES_ON, "V2 patch of token-id scores"):
         return
     import importlib
 

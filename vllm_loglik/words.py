@@ -250,10 +250,13 @@ def layout(
                 raise WordsError(where, f"{where} ({text[cs:ce]!r}) has no scored token")
             continue
         if user:
-            lo, hi = max(starts[first], base), min(ends[last], base + len(data))
-            outside = _text(scored[lo:ws]) + _text(scored[we:hi])
+            # A text that starts inside the first scored token's character has a negative base:
+            # offsets before the scored bytes are clamped to them (never Python's from-the-end).
+            lo, hi = max(starts[first], base, 0), min(ends[last], base + len(data))
+            left, right = scored[lo : max(ws, lo)], scored[max(we, 0) : max(hi, 0)]
+            outside = _text(left) + _text(right)
             if outside.strip():
-                bad = first if _text(scored[lo:ws]).strip() else last
+                bad = first if _text(left).strip() else last
                 raise WordsError(
                     where,
                     f"{where} ({text[cs:ce]!r}) splits the token {tokens.token(token_ids[bad])[0]!r} "
