@@ -21,7 +21,8 @@ over thousands of tokens. That is the one patch of this module, in the engine's 
 
 * A request that wants words sends `prompt_logprob_token_ids` of shape `[rows, 2]`, every id
   `-1` (vLLM's padding, which it scores `-inf`), with `extra_args["vllm_loglik_words"]`.
-* `install` wraps `compute_prompt_token_id_logprobs` of V2's two prompt-logprob workers, the GPU
+* `install` wraps `compute_prompt_token_id_logprobs` (and the bookkeeping around it:
+  `__init__`, `add_request`, `remove_request`) of V2's two prompt-logprob workers, the GPU
   runner's `PromptLogprobsWorker` (`vllm/v1/worker/gpu/sample/prompt_logprob.py`) and the
   standalone CPU runner's `CPUPromptLogprobsWorker` (`vllm/v1/worker/cpu/logprob.py`), which
   share this method and its state (`token_id_scores`, `prompt_logprob_start`), so one code path
@@ -129,6 +130,7 @@ def install() -> None:
 def _wrap(worker: type) -> None:
     original_init = worker.__init__
     original_add = worker.add_request
+    original_remove = worker.remove_request
     original = worker.compute_prompt_token_id_logprobs
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
@@ -148,6 +150,10 @@ def _wrap(worker: type) -> None:
             ours[req_id] = None
         else:
             ours.pop(req_id, None)
+
+    def remove_request(self: Any, req_id: str) -> None:  # finished or aborted
+        original_remove(self, req_id)
+        self.__dict__.get("_vllm_loglik_words", {}).pop(req_id, None)
 
     def compute_prompt_token_id_logprobs(
         self: Any, logits_fn: Any, hidden_states: Any, input_batch: Any, prompt_lens: Any
@@ -173,9 +179,11 @@ def _wrap(worker: type) -> None:
 
     __init__.__wrapped__ = original_init  # type: ignore[attr-defined]
     add_request.__wrapped__ = original_add  # type: ignore[attr-defined]
+    remove_request.__wrapped__ = original_remove  # type: ignore[attr-defined]
     compute_prompt_token_id_logprobs.__wrapped__ = original  # type: ignore[attr-defined]
     worker.__init__ = __init__
     worker.add_request = add_request
+    worker.remove_request = remove_request
     worker.compute_prompt_token_id_logprobs = compute_prompt_token_id_logprobs
 
 
