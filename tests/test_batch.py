@@ -253,7 +253,9 @@ NATIVE = [
      "max_tokens": 0},
     {"prompt": "Ωμέγα and 🙂, said the fox.", "echo": True, "logprobs": 1, "max_tokens": 1,
      "temperature": 0},
-    {"prompt": "Once upon a time", "max_tokens": 3, "temperature": 0, "logprobs": 2},
+    # EOS may not end it (`ignore_eos`): on the random demo model it can be a near-tie.
+    {"prompt": "Once upon a time", "max_tokens": 3, "temperature": 0, "logprobs": 2,
+     "ignore_eos": True},
 ]  # fmt: skip
 CHAT_GENERATES = {"messages": CHAT, "max_tokens": 2, "temperature": 0}
 
@@ -377,7 +379,28 @@ def check_batch_natives(path: Path, kinds: list[str], server, in_process: bool) 
     for record, body in zip(natives, NATIVE, strict=True):
         status, want = server_answer(server, body)
         assert status == 200 and record["response"]["status_code"] == 200, (want, record)
-        same_answer(record["response"]["body"], want)
+        try:
+            same_answer(record["response"]["body"], want)
+        except AssertionError:
+            if body.get("echo") or not greedy_near_tie(record["response"]["body"], want):
+                raise
+
+
+def greedy_near_tie(ours: dict, theirs: dict) -> bool:
+    """Whether two greedy generations first part at a step whose two best logprobs are within
+    1e-3 in both answers: a near-tie on the random demo model, which the rounding of another
+    batch (the CLI's process against the server's) may settle either way. Up to that step the
+    answers must be the same."""
+    a, b = ours["choices"][0]["logprobs"], theirs["choices"][0]["logprobs"]
+    at = next((i for i, (x, y) in enumerate(zip(a["tokens"], b["tokens"])) if x != y), None)
+    if at is None:
+        return False
+    close(a["token_logprobs"][:at], b["token_logprobs"][:at], "token_logprobs before the tie")
+    for side in (a, b):
+        best = sorted(side["top_logprobs"][at].values(), reverse=True)[:2]
+        if len(best) < 2 or best[0] - best[1] > 1e-3:
+            return False
+    return True
     [chat] = [r for r, k in zip(records, kinds) if k == "chat-generates"]
     if in_process:  # no chat handler in the CLI's process: the error says what to do
         assert chat["response"]["status_code"] == 400
