@@ -102,7 +102,8 @@ def problem(vllm_config: Any) -> str | None:
 
 
 def install() -> None:
-    """The `vllm.general_plugins` entry point: patch the V1 model runner in this process.
+    """Patch the V1 model runner in this process (called by `vllm_loglik.runners.install`,
+    the `vllm.general_plugins` entry point).
 
     vLLM loads general plugins in every process (the API server, the engine core, its
     workers); only the model runner's process uses the patch."""
