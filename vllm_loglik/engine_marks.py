@@ -21,6 +21,9 @@ logger = logging.getLogger("vllm.loglik")
 MARK = "vllm_loglik"
 #: The `extra_args` key of a marked request that wants word-boundary masses (`vllm_loglik.words`).
 WORDS = "vllm_loglik_words"
+#: The `logprobs_mode`s whose prompt logprobs are a log-softmax (vLLM's default is the first);
+#: the logit modes have none, so neither patch applies to them.
+SOFTMAX_MODES = ("raw_logprobs", "processed_logprobs")
 
 _masks: dict[int, Any] = {}
 

@@ -114,14 +114,14 @@ def runner_of(vllm_config: Any) -> Runner:
 
 def _choose(vllm_config: Any) -> Runner:
     caching = vllm_config.cache_config.enable_prefix_caching
+    if v2_scoring.runs_v2(vllm_config):
+        why = v2_scoring.problem(vllm_config)
+        if why is None:
+            return Runner("V2", True, None, None, v2_scoring.words_problem(vllm_config))
+    layout = checked(OUTPUT_LAYOUT).reason() if caching else None
     if not v2_scoring.runs_v2(vllm_config):
-        layout = checked(OUTPUT_LAYOUT).reason() if caching else None
         path = target_logprobs.problem(vllm_config)
         return Runner("V1", False, path, layout, path)
-    if v2_scoring.problem(vllm_config) is None:
-        return Runner("V2", True, None, None, v2_scoring.words_problem(vllm_config))
-    layout = checked(OUTPUT_LAYOUT).reason() if caching else None
-    why = v2_scoring.problem(vllm_config)
     return Runner(
         "V2 without scoring fields", False,
         f"V2 without its scoring fields computes logprobs for every prompt position ({why})",

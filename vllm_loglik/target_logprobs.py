@@ -36,7 +36,15 @@ import logging
 import os
 from typing import Any
 
-from .engine_marks import MARK, WORDS, boundary_mass, boundary_mask, may_patch, switched_off
+from .engine_marks import (
+    MARK,
+    SOFTMAX_MODES,
+    WORDS,
+    boundary_mass,
+    boundary_mask,
+    may_patch,
+    switched_off,
+)
 from .engine_output import WORDS_ID as ENGINE_WORDS_ID
 from .reliance import Reliance, checked
 
@@ -71,9 +79,6 @@ FALLBACK_REASON = "prompt_logprobs_path"
 #: values, 64 MiB, whatever the prompt's length.
 ROWS_ELEMENTS = 1 << 24
 ENV = "VLLM_LOGLIK_TARGET_LOGPROBS"
-#: The `logprobs_mode`s whose prompt logprobs are a log-softmax (vLLM's default is the first);
-#: the logit modes need none, and keep vLLM's own path.
-SOFTMAX_MODES = ("raw_logprobs", "processed_logprobs")
 #: A file to which the patched method appends the id of each request it computes (a trace for
 #: tests and debugging: which requests took the target-only path).
 TRACE_ENV = "VLLM_LOGLIK_TARGET_LOGPROBS_TRACE"

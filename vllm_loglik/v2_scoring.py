@@ -44,7 +44,15 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .engine_marks import MARK, WORDS, boundary_mass, boundary_mask, may_patch, switched_off
+from .engine_marks import (
+    MARK,
+    SOFTMAX_MODES,
+    WORDS,
+    boundary_mass,
+    boundary_mask,
+    may_patch,
+    switched_off,
+)
 from .reliance import Reliance, checked
 
 logger = logging.getLogger("vllm.loglik.v2_scoring")
@@ -95,7 +103,7 @@ def words_problem(vllm_config: Any) -> str | None:
     if switched_off(ENV):
         return f"turned off ({ENV}=0)"
     mode = str(getattr(vllm_config.model_config, "logprobs_mode", "raw_logprobs"))
-    if mode not in ("raw_logprobs", "processed_logprobs"):
+    if mode not in SOFTMAX_MODES:
         return f"logprobs_mode {mode} returns logits, which have no word-boundary mass"
     return problem(vllm_config)
 
