@@ -19,13 +19,16 @@ from .offline import (
     loglikelihood_rolling,
     loglikelihood_tokens,
     prompt_loglikelihood,
+    sequence_logprobs,
 )
 from .scoring import Score, TokenScore, TopLogprob
+from .teacher import SequenceLogprobs
 
 __all__ = [
     "Job",
     "Score",
     "Scorer",
+    "SequenceLogprobs",
     "TokenScore",
     "TopLogprob",
     "chat_loglikelihood",
@@ -33,5 +36,6 @@ __all__ = [
     "loglikelihood_rolling",
     "loglikelihood_tokens",
     "prompt_loglikelihood",
+    "sequence_logprobs",
 ]
 __version__ = "0.1.0"

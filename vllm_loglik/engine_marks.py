@@ -3,9 +3,9 @@ and the word-boundary mass that corrected word scores need.
 
 The V1 patch (`vllm_loglik.target_logprobs`) and the V2 one (`vllm_loglik.v2_scoring`) each
 change one step of vLLM's worker for the requests that carry `MARK` in
-`SamplingParams.extra_args`, and compute log P_B per row the same way, from the same B (the
+`SamplingParams.extra_args`: both compute log P_B per row the same way, from the same B (the
 tokens that begin a word: `vllm_loglik.words.boundary_ids`, found with the engine's own
-tokenizer). Nothing here is imported by vLLM or changes it.
+tokenizer), and both divide the logits of a request with a `TEMPERATURE` by it. Nothing here is imported by vLLM or changes it.
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ logger = logging.getLogger("vllm.loglik")
 MARK = "vllm_loglik"
 #: The `extra_args` key of a marked request that wants word-boundary masses (`vllm_loglik.words`).
 WORDS = "vllm_loglik_words"
+#: The `extra_args` key of a marked request whose prompt logprobs are those of the distribution
+#: at a temperature T (a float > 0, not 1): log softmax(logits / T). vLLM's own prompt logprobs
+#: ignore `SamplingParams.temperature` (they are raw logprobs, whatever it is).
+TEMPERATURE = "vllm_loglik_temperature"
 #: The `logprobs_mode`s whose prompt logprobs are a log-softmax (vLLM's default is the first);
 #: the logit modes have none, so neither patch applies to them.
 SOFTMAX_MODES = ("raw_logprobs", "processed_logprobs")
@@ -48,6 +52,15 @@ def may_patch(env: str, reliance: Reliance, what: str) -> bool:
         "vllm-loglik on vLLM %s: no %s in this process (%s)", vllm_version(), what, verdict.reason()
     )
     return False
+
+
+def temperature_of(params: Any) -> float | None:
+    """The temperature of a marked request's prompt logprobs (`TEMPERATURE`), or None (1)."""
+    extra = getattr(params, "extra_args", None) or {}
+    if not extra.get(MARK):
+        return None
+    t = extra.get(TEMPERATURE)
+    return float(t) if t is not None and t != 1 else None
 
 
 def boundary_mass(logits: Any, mask: Any):

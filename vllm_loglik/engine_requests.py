@@ -171,6 +171,7 @@ def score_spans(
     stats: ProtocolStats | None = None,
     words: bool = False,
     runner: Runner | None = None,
+    temperature: float = 1.0,
 ) -> Protocol:
     """The protocol (see the module docstring) for `spans`, as a generator.
 
@@ -181,14 +182,16 @@ def score_spans(
     context again with its next continuation). Returns the `ScoredRows` of every span, in order;
     `stats`, if given, counts what was sent and read. With `words`, the rows also hold each
     position's word-boundary masses (`ScoredRows.starts` and `ends`). `runner` is the engine's
-    (`vllm_loglik.runners.runner_of`), which decides the requests' fields (V1's when None).
+    (`vllm_loglik.runners.runner_of`), which decides the requests' fields (V1's when None);
+    with a `temperature` other than 1, the logprobs are log softmax(logits / T) (the caller
+    has checked the runner's `temperature_problem`).
     """
     stats = stats if stats is not None else ProtocolStats()
     runner = runner if runner is not None else V1_DEFAULT
 
     def params(span: Span, read_cache: bool) -> Any:
         n = len(span.prompt_token_ids)
-        return runner.scoring_params(n, span.start, top_logprobs, read_cache, words)
+        return runner.scoring_params(n, span.start, top_logprobs, read_cache, words, temperature)
 
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, span in enumerate(spans):

@@ -41,8 +41,10 @@ from .engine_requests import (
 from .reliance import report
 from .runners import runner_of
 from .jobs import Job, Scorer, check_top_logprobs
+from .engine_output import ScoredRows
 from .scoring import Score
-from .spans import excerpt
+from .spans import Span, excerpt
+from .teacher import SequenceLogprobs, check_temperature, sequence_spans
 from .words import WORD_PROBABILITIES, check_offsets
 
 _scorers: weakref.WeakKeyDictionary[Any, Scorer] = weakref.WeakKeyDictionary()
@@ -102,8 +104,6 @@ def run_jobs(
     """Score `jobs` with the protocol of `vllm_loglik.engine_requests`, one `LLM.generate`
     call per batch of it, every request under `lora_request` (None: the base model), and
     return their scores in order; with `words`, each score's words too."""
-    from vllm.inputs import TokensPrompt
-
     top_logprobs = check_top_logprobs(top_logprobs)
     config = llm.llm_engine.vllm_config
     problem = lora_scoring_problem(config)
@@ -125,6 +125,23 @@ def run_jobs(
                 f"{max(cap - extra, 0)} (or build the LLM with a larger max_logprobs)"
             )
     spans = [span for job in jobs for span in job.spans]
+    scored = iter(run_spans(llm, spans, top_logprobs, use_tqdm, lora_request, corrected))
+    return [scorer.finish(job, [next(scored) for _ in job.spans], top_logprobs) for job in jobs]
+
+
+def run_spans(
+    llm: Any,
+    spans: list[Span],
+    top_logprobs: int,
+    use_tqdm: bool = False,
+    lora_request: Any = None,
+    words: bool = False,
+    temperature: float = 1.0,
+) -> list[ScoredRows]:
+    """The engine's rows of each span (checked input), by the protocol of
+    `vllm_loglik.engine_requests`: one `LLM.generate` call per batch of it."""
+    from vllm.inputs import TokensPrompt
+
     if not spans:
         return []
     block_size = prefix_block_size(llm.llm_engine.vllm_config)
@@ -136,11 +153,66 @@ def run_jobs(
         )
 
     protocol = score_spans(
-        spans, top_logprobs, block_size, f"offline-{next(_calls)}", words=corrected,
-        runner=runner_of(llm.llm_engine.vllm_config),
+        spans, top_logprobs, block_size, f"offline-{next(_calls)}", words=words,
+        runner=runner_of(llm.llm_engine.vllm_config), temperature=temperature,
     )  # fmt: skip
-    scored = iter(run_sync(protocol, run))
-    return [scorer.finish(job, [next(scored) for _ in job.spans], top_logprobs) for job in jobs]
+    return run_sync(protocol, run)
+
+
+def sequence_logprobs(
+    llm: Any,
+    sequences: Sequence[Sequence[int]],
+    prompt_lengths: Sequence[int],
+    *,
+    top_logprobs: int = 0,
+    temperature: float = 1.0,
+    use_tqdm: bool = False,
+    lora_request: Any = None,
+) -> SequenceLogprobs:
+    """Teacher or reference logprobs of the completion region of each token sequence: what
+    TRL's `/get_sequence_logprobs/` answers (`vllm_loglik.teacher`), as numpy arrays.
+
+    `sequences[i]` is a prompt and a completion of token ids, `prompt_lengths[i]` the prompt's
+    length; row t of the result is position `prompt_lengths[i] + t`: the actual token's logprob
+    (`actual_logprobs`) and rank, and the `top_logprobs` most likely tokens (`token_ids`,
+    `logprobs`, best first), of log softmax(logits / `temperature`). Sequences that share a
+    prompt (a GRPO group, DPO's chosen and rejected) are continuations of one context, computed
+    once where prefix caching is on.
+
+        >>> out = sequence_logprobs(llm, [prompt + chosen, prompt + rejected], [len(prompt)] * 2)
+        >>> reference = out.actual_logprobs.sum(axis=1)      # padding is -inf: mask it first
+
+    Raises `ValueError` naming `sequences[i]` or `prompt_lengths[i]`, a `top_logprobs` over the
+    engine's `max_logprobs`, or a temperature other than 1 where the engine cannot apply it.
+    """
+    config = llm.llm_engine.vllm_config
+    problem = lora_scoring_problem(config)
+    if problem is not None:
+        raise ValueError(problem)
+    cap = config.model_config.max_logprobs
+    cap = config.model_config.get_vocab_size() if cap == -1 else cap
+    if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or not 0 <= top_logprobs <= cap:
+        raise ValueError(
+            f"top_logprobs must be an integer from 0 to {cap} (the engine's max_logprobs), "
+            f"got {excerpt(top_logprobs)}"
+        )
+    temperature = check_temperature(temperature)
+    runner = runner_of(config)
+    if temperature != 1 and runner.temperature_problem is not None:
+        raise ValueError(
+            f"temperature {temperature} needs this package's engine patch, which is off here "
+            f"({runner.temperature_problem}); vLLM's own prompt logprobs ignore it"
+        )
+    scorer = scorer_for(llm)
+    spans = sequence_spans(
+        sequences, prompt_lengths, scorer.tokens.check_ids, scorer.max_prompt_len,
+        scorer.max_model_len,
+    )  # fmt: skip
+    scored = [s for s in spans if s is not None]
+    rows = iter(run_spans(llm, scored, top_logprobs, use_tqdm, lora_request, False, temperature))
+    return SequenceLogprobs.from_rows(
+        sequences, prompt_lengths, spans, [next(rows) if s else None for s in spans], top_logprobs
+    )
 
 
 def _sequence(value: Any, name: str) -> Sequence[Any]:

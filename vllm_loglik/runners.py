@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import target_logprobs, v2_scoring
-from .engine_marks import MARK, WORDS
+from .engine_marks import MARK, TEMPERATURE, WORDS
 from .engine_output import RELIES_ON as OUTPUT_LAYOUT
 from .reliance import checked
 
@@ -43,6 +43,9 @@ class Runner:
     cache_reads_problem: str | None
     #: Why the engine cannot compute word-boundary masses, if so.
     words_problem: str | None
+    #: Why the engine cannot compute prompt logprobs at a temperature (`engine_marks.TEMPERATURE`;
+    #: vLLM's own are raw, whatever the temperature), if so: the runner's patch does it.
+    temperature_problem: str | None = None
 
     @property
     def word_columns(self) -> int:
@@ -51,16 +54,20 @@ class Runner:
         return 0 if self.fields else 2
 
     def scoring_params(
-        self, num_tokens: int, start: int, top_logprobs: int, read_cache: bool, words: bool
-    ) -> Any:
+        self, num_tokens: int, start: int, top_logprobs: int, read_cache: bool, words: bool,
+        temperature: float = 1.0,
+    ) -> Any:  # fmt: skip
         """The sampling parameters of a scoring request for a span of `num_tokens` prompt tokens
         scored from position `start`: prompt logprobs with `top_logprobs` alternatives, the
         flat container, no detokenizing (required with V1's cache reads: its cached rows are
         unset), cache reads when `read_cache`; with `words`, the word-boundary masses as this
-        runner computes them."""
+        runner computes them; with a `temperature` other than 1, log softmax(logits / T)
+        (the caller has checked `temperature_problem`)."""
         from vllm import SamplingParams
 
-        extra = {MARK: True, WORDS: True} if words else {MARK: True}
+        extra: dict[str, Any] = {MARK: True, WORDS: True} if words else {MARK: True}
+        if temperature != 1:
+            extra[TEMPERATURE] = float(temperature)
         fields = v2_scoring.scoring_fields(num_tokens, start, words) if self.fields else {}
         k = top_logprobs + self.word_columns if words else top_logprobs
         return SamplingParams(
@@ -91,6 +98,7 @@ class Runner:
             path_line("prefix-cache reads", self.cache_reads_problem if prefix_caching
                       else "prefix caching is off"),
             path_line("corrected word scores", self.words_problem),
+            path_line("prompt logprobs at a temperature", self.temperature_problem),
         ]  # fmt: skip
 
 
@@ -117,15 +125,16 @@ def _choose(vllm_config: Any) -> Runner:
     if v2_scoring.runs_v2(vllm_config):
         why = v2_scoring.problem(vllm_config)
         if why is None:
-            return Runner("V2", True, None, None, v2_scoring.words_problem(vllm_config))
+            patch = v2_scoring.words_problem(vllm_config)
+            return Runner("V2", True, None, None, patch, patch)
     layout = checked(OUTPUT_LAYOUT).reason() if caching else None
     if not v2_scoring.runs_v2(vllm_config):
         path = target_logprobs.problem(vllm_config)
-        return Runner("V1", False, path, layout, path)
+        return Runner("V1", False, path, layout, path, path)
     return Runner(
         "V2 without scoring fields", False,
         f"V2 without its scoring fields computes logprobs for every prompt position ({why})",
-        layout, f"V2 without its scoring fields ({why})",
+        layout, f"V2 without its scoring fields ({why})", f"V2 without its scoring fields ({why})",
     )  # fmt: skip
 
 

@@ -15,7 +15,8 @@ one compiled function over the logits (`_target_rows`): the target token's logpr
 `logit[target] - logsumexp(logits)`, its rank `count(logits >= logit[target])` (vLLM's
 `batched_count_greater_than`, ties included), and for `top_logprobs` k > 0 the top k logits
 minus the same logsumexp. The logits are those vLLM computes (`model.compute_logits` over the
-same rows), the log-softmax is never materialized, and the logits are taken in slices of rows
+same rows), divided by the request's temperature where it has one (`engine_marks.TEMPERATURE`:
+log softmax(logits / T), which vLLM's own path never gives), the log-softmax is never materialized, and the logits are taken in slices of rows
 (`ROWS_ELEMENTS`) so that the extra memory of a long prompt stays bounded. Every other
 request, of any other client, goes through vLLM's own method unchanged, in the same step.
 
@@ -44,6 +45,7 @@ from .engine_marks import (
     boundary_mask,
     may_patch,
     switched_off,
+    temperature_of,
 )
 from .engine_output import WORDS_ID as ENGINE_WORDS_ID
 from .reliance import Reliance, checked
@@ -219,15 +221,17 @@ def _prompt_logprobs(
                 tensors.logprobs[num_prompt_tokens - 2, k].copy_(mass[0], non_blocking=True)
             continue
         hidden = hidden_states[offset : offset + num_logits]
+        logits_of = runner.model.compute_logits
+        t = temperature_of(request.sampling_params)
+        if t is not None:
+            logits_of = _at_temperature(logits_of, t)
         targets = torch.tensor(
             request.prompt_token_ids[start_tok : start_tok + num_logits],
             dtype=torch.int64, device=hidden.device,
         )  # fmt: skip
         top = k - 2 if words else k
         mask = _boundary_mask(runner, hidden.device) if words else None
-        ids, logprobs, ranks = _target_rows(
-            runner.model.compute_logits, hidden, targets, top, vocab, mask
-        )
+        ids, logprobs, ranks = _target_rows(logits_of, hidden, targets, top, vocab, mask)
         rows = slice(start_idx, start_idx + num_logits)
         if words:
             # Column k + 1: log P_B of the row's own distribution; column k + 2: of the next
@@ -258,6 +262,15 @@ def _prompt_logprobs(
             with open(trace, "a") as f:
                 f.write("".join(f"{req_id}\n" for req_id in out))
     return out
+
+
+def _at_temperature(compute_logits: Any, t: float) -> Any:
+    """`compute_logits` divided by `t`, in float32 (the log-softmax is taken in float32)."""
+
+    def scaled(hidden: Any) -> Any:
+        return compute_logits(hidden).float() / t
+
+    return scaled
 
 
 def _target_rows(

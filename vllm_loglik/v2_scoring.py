@@ -33,6 +33,16 @@ over thousands of tokens. That is the one patch of this module, in the engine's 
 * Where the patch does not run (switched off, code not verified), the columns come back
   `-inf`, and `vllm_loglik.engine_output` refuses them: never an uncorrected number.
 
+Nor can the fields give prompt logprobs at a temperature (TRL's teacher distribution, log
+softmax(logits / T)): V2's prompt logprobs are raw, whatever `SamplingParams.temperature` says.
+So the patch also wraps `compute_prompt_logprobs` of both workers: for a step that holds a
+marked request with `extra_args["vllm_loglik_temperature"]` (`engine_marks.TEMPERATURE`), the
+`logits_fn` that vLLM's method calls, chunk by chunk over the step's rows, divides the rows of
+that request by its T (each chunk is a view of the step's hidden states, so its first row is
+known from its offset). Every other row is vLLM's own. A chunk that is not such a view makes the
+temperature requests' rows NaN, which `vllm_loglik.engine_output` refuses: never a raw logprob
+passed off as one at T.
+
 Where this applies: the engine runs V2 (`use_v2_model_runner`, or a vLLM without V1), and the
 vLLM code in `RELIES_ON` is that of a version it was verified on (`vllm_loglik.reliance`).
 vLLM 0.32 and 0.33's V2 (a GPU's) lack the hit limit and, with `prompt_logprobs`, the start;
@@ -52,6 +62,7 @@ from .engine_marks import (
     boundary_mask,
     may_patch,
     switched_off,
+    temperature_of,
 )
 from .reliance import Reliance, checked
 
@@ -72,8 +83,8 @@ RELIES_ON = Reliance(
     "V2's own prompt logprobs without its scoring fields: no prefix-cache reads, no corrected "
     "word scores",
 )
-#: The switch of the word-mass patch (on unless set to 0).
-ENV = "VLLM_LOGLIK_V2_WORDS"
+#: The switch of the patch: word masses and temperature (on unless set to 0).
+ENV = "VLLM_LOGLIK_V2_PATCH"
 #: The worker classes whose `compute_prompt_token_id_logprobs` the patch wraps.
 WORKERS = (
     ("vllm.v1.worker.gpu.sample.prompt_logprob", "PromptLogprobsWorker"),
@@ -83,6 +94,9 @@ WORKERS = (
 CHUNK_ROWS = 1024
 
 _installed = False
+#: Set once a chunk of a step could not be placed in its hidden states (`_Scaled`): prompt
+#: logprobs at a temperature are NaN in this process from then on.
+_temperature_lost = False
 
 
 def runs_v2(vllm_config: Any) -> bool:
@@ -99,12 +113,13 @@ def problem(vllm_config: Any) -> str | None:
 
 
 def words_problem(vllm_config: Any) -> str | None:
-    """Why the engine cannot compute word-boundary masses on V2, or None where it can."""
+    """Why the engine cannot compute word-boundary masses on V2 (or prompt logprobs at a
+    temperature: the same patch), or None where it can."""
     if switched_off(ENV):
         return f"turned off ({ENV}=0)"
     mode = str(getattr(vllm_config.model_config, "logprobs_mode", "raw_logprobs"))
     if mode not in SOFTMAX_MODES:
-        return f"logprobs_mode {mode} returns logits, which have no word-boundary mass"
+        return f"logprobs_mode {mode} returns logits, not a log-softmax"
     return problem(vllm_config)
 
 
@@ -140,6 +155,7 @@ def _wrap(worker: type) -> None:
     original_add = worker.add_request
     original_remove = worker.remove_request
     original = worker.compute_prompt_token_id_logprobs
+    original_logprobs = worker.compute_prompt_logprobs
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         original_init(self, *args, **kwargs)
@@ -158,10 +174,36 @@ def _wrap(worker: type) -> None:
             ours[req_id] = None
         else:
             ours.pop(req_id, None)
+        temps = self.__dict__.setdefault("_vllm_loglik_temps", {})
+        t = temperature_of(sampling_params)
+        if t is not None:
+            temps[req_id] = t
+        else:
+            temps.pop(req_id, None)
 
     def remove_request(self: Any, req_id: str) -> None:  # finished or aborted
         original_remove(self, req_id)
         self.__dict__.get("_vllm_loglik_words", {}).pop(req_id, None)
+        self.__dict__.get("_vllm_loglik_temps", {}).pop(req_id, None)
+
+    def compute_prompt_logprobs(
+        self: Any, logits_fn: Any, hidden_states: Any, input_batch: Any, *args: Any, **kwargs: Any
+    ) -> dict[str, Any]:
+        temps = self.__dict__.get("_vllm_loglik_temps")
+        rows = _temperature_rows(temps, input_batch) if temps else None
+        if not rows:
+            return original_logprobs(self, logits_fn, hidden_states, input_batch, *args, **kwargs)
+        global _temperature_lost
+        scaled = _Scaled(logits_fn, hidden_states, rows)
+        out = original_logprobs(self, scaled, hidden_states, input_batch, *args, **kwargs)
+        if scaled.lost and not _temperature_lost:
+            logger.warning("vllm-loglik: prompt logprobs at a temperature cannot be computed here")
+            _temperature_lost = True
+        if _temperature_lost:  # from then on (a prompt's earlier chunks too): no raw logprob
+            for req_id in rows:  # passed off as one at T
+                if req_id in out:
+                    out[req_id].logprobs.fill_(float("nan"))
+        return out
 
     def compute_prompt_token_id_logprobs(
         self: Any, logits_fn: Any, hidden_states: Any, input_batch: Any, prompt_lens: Any
@@ -189,10 +231,58 @@ def _wrap(worker: type) -> None:
     add_request.__wrapped__ = original_add  # type: ignore[attr-defined]
     remove_request.__wrapped__ = original_remove  # type: ignore[attr-defined]
     compute_prompt_token_id_logprobs.__wrapped__ = original  # type: ignore[attr-defined]
+    compute_prompt_logprobs.__wrapped__ = original_logprobs  # type: ignore[attr-defined]
     worker.__init__ = __init__
     worker.add_request = add_request
     worker.remove_request = remove_request
     worker.compute_prompt_token_id_logprobs = compute_prompt_token_id_logprobs
+    worker.compute_prompt_logprobs = compute_prompt_logprobs
+
+
+def _temperature_rows(temps: dict[str, float], input_batch: Any) -> dict[str, tuple[int, int, float]]:
+    """The step's rows (`[start, end)` of its hidden states) of each request with a temperature."""
+    rows = {}
+    loc = input_batch.query_start_loc_np
+    for i, req_id in enumerate(input_batch.req_ids):
+        t = temps.get(req_id)
+        if t is not None:
+            rows[req_id] = (int(loc[i]), int(loc[i + 1]), t)
+    return rows
+
+
+class _Scaled:
+    """vLLM's `logits_fn`, with the rows of temperature requests divided by their T (float32).
+
+    vLLM calls it on slices of the step's hidden states (`compute_prompt_logprobs_with_chunking`
+    takes `hidden_states[:num_tokens]` in chunks of rows): a slice's first row is its offset
+    from the hidden states' storage. A chunk that is no such slice is computed unscaled, and
+    `lost` says so."""
+
+    def __init__(self, logits_fn: Any, hidden_states: Any, rows: dict[str, tuple[int, int, float]]):
+        import torch
+
+        self.logits_fn = logits_fn
+        self.base = hidden_states
+        self.lost = False
+        scale = torch.ones(hidden_states.shape[0], dtype=torch.float32, device=hidden_states.device)
+        for start, end, t in rows.values():
+            scale[start:end] = 1.0 / t
+        self.scale = scale
+
+    def __call__(self, hidden: Any) -> Any:
+        logits = self.logits_fn(hidden)
+        base = self.base
+        row_bytes = base.stride(0) * base.element_size()
+        delta = hidden.data_ptr() - base.data_ptr()
+        n = hidden.shape[0]
+        if (
+            hidden.dim() != base.dim() or hidden.stride() != base.stride() or delta % row_bytes
+            or not 0 <= delta // row_bytes <= base.shape[0] - n
+        ):  # fmt: skip
+            self.lost = True
+            return logits
+        first = delta // row_bytes
+        return logits.float() * self.scale[first : first + n, None]
 
 
 def _word_masses(

@@ -7,11 +7,13 @@ import asyncio
 import logging
 import uuid
 from contextlib import AbstractAsyncContextManager, nullcontext
+from collections.abc import Callable
 from typing import Any
 
 from starlette.datastructures import State
 
 from ..engine_output import FALLBACK_REASON as CACHE_READS_FALLBACK
+from ..engine_output import ScoredRows
 from ..engine_requests import (
     EngineRequest,
     ProtocolStats,
@@ -29,6 +31,7 @@ from ..jobs import Job, Scorer
 from ..reliance import checked
 from ..runners import path_line, runner_of
 from ..scoring import Score
+from ..spans import Span
 from ..target_logprobs import FALLBACK_REASON
 from . import echo
 from .limits import Limits
@@ -170,37 +173,57 @@ class ServerScoring:
         (corrected word probabilities). A request's warm-up runs under its adapter too: vLLM's prefix
         cache keys blocks by adapter, so a context is only ever read under the adapter that
         computed it."""
+
+        def finish(rows: list[ScoredRows]) -> list[Score]:
+            scored = iter(rows)
+            return [
+                self.scorer.finish(job, [next(scored) for _ in job.spans], top_logprobs, content)
+                for job in jobs
+            ]
+
+        spans = [span for job in jobs for span in job.spans]
+        return await self._guarded(spans, top_logprobs, lora_request, words, 1.0, finish)
+
+    async def rows(
+        self, spans: list[Span], top_logprobs: int, lora_request: Any = None, temperature: float = 1.0
+    ) -> list[ScoredRows]:
+        """The engine's `ScoredRows` of each span, as `run` computes them; with a `temperature`
+        other than 1, of log softmax(logits / T) (the caller has checked the runner's
+        `temperature_problem`). Teacher logprobs (`vllm_loglik.teacher`) read these directly:
+        no object per token."""
+        return await self._guarded(spans, top_logprobs, lora_request, False, temperature, list)
+
+    async def _guarded(
+        self, spans: list[Span], top_logprobs: int, lora_request: Any, words: bool,
+        temperature: float, finish: Callable[[list[ScoredRows]], list[Any]],
+    ) -> list[Any]:  # fmt: skip
         from vllm.exceptions import VLLMError
 
         try:
             async with self.turn(lora_request):
-                return await self._run(jobs, top_logprobs, content, lora_request, words)
+                return await self._run(spans, top_logprobs, lora_request, words, temperature, finish)
         except VLLMError:
             raise
         except Exception as e:
             raise ScoringFault(f"{type(e).__name__}: {e}") from e
 
     async def _run(
-        self, jobs: list[Job], top_logprobs: int, content: bool, lora_request: Any, words: bool
-    ) -> list[Score]:
-        spans = [span for job in jobs for span in job.spans]
+        self, spans: list[Span], top_logprobs: int, lora_request: Any, words: bool,
+        temperature: float, finish: Callable[[list[ScoredRows]], list[Any]],
+    ) -> list[Any]:  # fmt: skip
         stats = ProtocolStats()
         protocol = score_spans(
             spans, top_logprobs, self.block_size, f"loglik-{uuid.uuid4().hex}", warm_single=True,
-            stats=stats, words=words, runner=self.runner,
+            stats=stats, words=words, runner=self.runner, temperature=temperature,
         )  # fmt: skip
-        scores: list[Score] = []
+        scored: list[ScoredRows] = []
         try:
-            scored = iter(await run_async(protocol, lambda b: self._run_batch(b, lora_request)))
-            scores = [
-                self.scorer.finish(job, [next(scored) for _ in job.spans], top_logprobs, content)
-                for job in jobs
-            ]
-            return scores
+            scored = await run_async(protocol, lambda b: self._run_batch(b, lora_request))
+            return finish(scored)
         finally:
             if self.path_problem is not None and stats.requests:
                 stats.fallbacks[FALLBACK_REASON] += stats.requests
             if self.cache_reads_problem is not None and stats.requests:
                 stats.fallbacks[CACHE_READS_FALLBACK] += stats.requests
             label = lora_request.lora_name if lora_request is not None else self.base_name
-            metrics().engine_work(label, stats, sum(s.num_tokens for s in scores))
+            metrics().engine_work(label, stats, sum(len(rows) for rows in scored))

@@ -62,6 +62,7 @@ from .echo import PLAN, echo_plan
 from .engine import ScoringFault, ServerScoring
 from .limits import Limits
 from .metrics import metrics, mode_of, model_label
+from . import teacher
 from .protocol import (
     LoglikelihoodChatCompletionRequest,
     LoglikelihoodCompletionRequest,
@@ -298,8 +299,9 @@ class LoglikelihoodPlugin:
     def attach_router(self, app: FastAPI) -> None:
         limits = Limits.from_env()
         app.add_middleware(
-            BodyLimit, paths=frozenset((COMPLETIONS, CHAT)), max_bytes=limits.max_body_bytes
-        )
+            BodyLimit, paths=frozenset((COMPLETIONS, CHAT, teacher.PATH)),
+            max_bytes=limits.max_body_bytes,
+        )  # fmt: skip
         router = APIRouter(route_class=_Route)
         metrics()  # made here, in each API-server process, before any request
         for path, model, handler, label in (
@@ -318,6 +320,12 @@ class LoglikelihoodPlugin:
                 tags=list(original.tags or []),
                 **kept,
             )
+        # TRL's teacher route (`teacher.py`): a route of its own, which stock vLLM lacks.
+        router.add_api_route(
+            teacher.PATH, teacher.endpoint, methods=["POST"], tags=["vllm-loglik"],
+            summary="Teacher logprobs of token sequences (TRL's request)",
+            openapi_extra=teacher.OPENAPI_EXTRA,
+        )  # fmt: skip
         app.include_router(router)
         engine_death.watch_lifespan(app)
 
@@ -325,6 +333,7 @@ class LoglikelihoodPlugin:
         # No engine (the CPU-only render server): the routes then behave as the originals,
         # and a loglikelihood request gets an error from the missing state.
         state.vllm_loglik = ServerScoring(engine_client, state) if engine_client else None
+        state.vllm_loglik_api_keys = teacher.api_key_guard(args)
         if state.vllm_loglik is not None:
             state.vllm_loglik.install_echo(state)
             routes = checked(RELIES_ON)

@@ -1,0 +1,234 @@
+"""Teacher and reference logprobs for post-training (`vllm_loglik.teacher`): TRL's
+`/get_sequence_logprobs/` on our server in both formats, TRL's own client (`trl` 1.16's
+`VLLMClient.get_sequence_logprobs`, on the stock `/v1/completions` path), and the offline
+`sequence_logprobs`, each against a transformers forward pass at T = 1 and T = 0.7 (1e-4 per
+value; top-k ids equal where the logprobs are not tied), under a LoRA adapter too."""
+
+from __future__ import annotations
+
+import math
+
+import httpx
+import numpy as np
+import pytest
+
+import vllm_loglik
+from vllm_loglik.teacher import decode_binary
+
+from .conftest import MAX_MODEL_LEN, Reference, Server, lora_args
+from .test_lora import AdapterReference
+
+TOL = 1e-4
+K = 5
+
+
+def groups(vocab: int, seed: int = 0) -> tuple[list[list[int]], list[int]]:
+    """GRPO-like groups: two prompts (one longer than a KV block, so its context is read from
+    the prefix cache) with three completions each of different lengths, a DPO-like pair, a
+    prompt length 0 and an empty completion."""
+    rng = np.random.default_rng(seed)
+    seqs, lengths = [], []
+    for plen in (40, 7):
+        prompt = rng.integers(3, vocab, plen).tolist()
+        for clen in (5, 12, 1):
+            seqs.append(prompt + rng.integers(3, vocab, clen).tolist())
+            lengths.append(plen)
+    seqs.append(rng.integers(3, vocab, 9).tolist())
+    lengths.append(0)
+    seqs.append(rng.integers(3, vocab, 6).tolist())
+    lengths.append(6)
+    return seqs, lengths
+
+
+def reference(ref: Reference, seq: list[int], plen: int, temperature: float):
+    """Per completion row of `seq`: the actual token's logprob and the full log-softmax row
+    (None for a row with nothing before it)."""
+    torch = ref.torch
+    with torch.no_grad():
+        logits = ref.model(torch.tensor([seq])).logits[0].float()
+    lsm = torch.log_softmax(logits / temperature, dim=-1)
+    rows = []
+    for pos in range(plen, len(seq)):
+        if pos == 0:
+            rows.append(None)
+        else:
+            rows.append(lsm[pos - 1])
+    return rows
+
+
+def check_arrays(ref, seqs, lengths, temperature, logprobs, token_ids, actual, actual_ids, lens):
+    """The arrays of one answer (`[B, T, k]`, `[B, T]`) against the reference."""
+    assert lens == [len(s) - p for s, p in zip(seqs, lengths)]
+    for i, (seq, plen) in enumerate(zip(seqs, lengths)):
+        for t, row in enumerate(reference(ref, seq, plen, temperature)):
+            if row is None:
+                assert actual[i][t] == -math.inf and list(token_ids[i][t]) == [0] * K
+                continue
+            token = seq[plen + t]
+            assert actual_ids[i][t] == token
+            assert abs(actual[i][t] - row[token].item()) < TOL
+            top, ids = row.topk(K + 1)
+            assert np.allclose(logprobs[i][t], top[:K].numpy(), atol=TOL)
+            for j in range(K):
+                tied = any(abs(top[j] - top[m]) < 1e-5 for m in (j - 1, j + 1) if 0 <= m <= K)
+                if not tied:
+                    assert token_ids[i][t][j] == ids[j].item()
+        # Padding past the completion.
+        assert all(v == -math.inf for v in np.asarray(actual[i][len(seq) - plen :]).ravel())
+
+
+@pytest.fixture(scope="module")
+def teacher_server(model_path, lora_paths, tmp_path_factory):
+    """A teacher server as TRL users run one: the plugin, no API key (TRL's client sends none),
+    more top logprobs than vLLM's default cap, and the LoRA adapters."""
+    log = tmp_path_factory.mktemp("logs") / "teacher.log"
+    srv = Server(model_path, log, True, None,
+                 extra_args=["--max-logprobs", "100", *lora_args(lora_paths)])  # fmt: skip
+    yield srv
+    srv.stop()
+
+
+def post(server, body: dict, headers: dict | None = None) -> httpx.Response:
+    return httpx.post(server.url + "/get_sequence_logprobs/", json=body, headers=headers, timeout=120)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("fmt", ["json", "binary"])
+def test_route_matches_transformers(teacher_server, ref, temperature, fmt):
+    seqs, lengths = groups(ref.model.config.vocab_size)
+    r = post(teacher_server, {"sequences": seqs, "prompt_lengths": lengths, "top_logprobs": K,
+                              "temperature": temperature, "response_format": fmt})  # fmt: skip
+    assert r.status_code == 200, r.text
+    body = r.json()
+    if fmt == "binary":
+        arrays = decode_binary(body)
+        assert body["shape"] == [len(seqs), max(len(s) - p for s, p in zip(seqs, lengths)), K]
+        check_arrays(
+            ref, seqs, lengths, temperature, arrays["logprobs"], arrays["token_ids"],
+            arrays["actual_logprobs"][:, :, 0], arrays["actual_token_ids"][:, :, 0],
+            arrays["completion_lengths"],
+        )  # fmt: skip
+        return
+    # json: per row, vLLM's entry sorted by rank: the top k, then the actual token if it is
+    # not among them; an empty row where nothing comes before.
+    for i, (seq, plen) in enumerate(zip(seqs, lengths)):
+        rows = reference(ref, seq, plen, temperature)
+        assert len(body["logprobs"][i]) == len(rows) == len(body["logprob_token_ids"][i])
+        for t, row in enumerate(rows):
+            lps, ids = body["logprobs"][i][t], body["logprob_token_ids"][i][t]
+            if row is None:
+                assert lps == [] and ids == []
+                continue
+            token = seq[plen + t]
+            top = row.topk(K)
+            assert len(ids) == (K if token in ids[:K] else K + 1)
+            assert token in ids
+            for tid, lp in zip(ids, lps):
+                assert abs(lp - row[tid].item()) < TOL
+            assert np.allclose(sorted(lps, reverse=True)[:K], top.values.numpy(), atol=TOL)
+
+
+def test_trl_client_stock_path(teacher_server, ref):
+    """TRL 1.16's own client, unchanged, at T = 1: it posts `prompt_logprobs` to
+    `/v1/completions` (vLLM's own answer) and slices the completion rows out."""
+    from trl.generation.vllm_client import VLLMClient
+
+    seqs, lengths = groups(ref.model.config.vocab_size, seed=1)
+    seqs, lengths = seqs[:-2], lengths[:-2]  # TRL's slicing has no row for a prompt length 0
+    client = VLLMClient(base_url=teacher_server.url)
+    out = client.get_sequence_logprobs(seqs, lengths, top_logprobs=K, temperature=1.0)
+    lens = [len(r) for r in out["actual_logprobs"]]
+    actual = [[a[0] for a in r] for r in out["actual_logprobs"]]
+    actual_ids = [[a[0] for a in r] for r in out["actual_token_ids"]]
+    pad = max(lens)
+
+    def padded(rows, fill):
+        return [r + [fill] * (pad - len(r)) for r in rows]
+
+    check_arrays(
+        ref, seqs, lengths, 1.0,
+        padded(out["logprobs"], [-math.inf] * K), padded(out["logprob_token_ids"], [0] * K),
+        padded(actual, -math.inf), padded(actual_ids, 0), lens,
+    )  # fmt: skip
+
+
+def test_route_under_an_adapter(teacher_server, model_path, lora_paths):
+    name = "adapter-a"
+    adapter_ref = AdapterReference(model_path, lora_paths[name])
+    seqs, lengths = groups(adapter_ref.model.config.vocab_size, seed=2)
+    for temperature in (1.0, 0.7):
+        r = post(teacher_server, {"sequences": seqs, "prompt_lengths": lengths, "top_logprobs": K,
+                                  "temperature": temperature, "response_format": "binary",
+                                  "model": name})  # fmt: skip
+        assert r.status_code == 200, r.text
+        a = decode_binary(r.json())
+        check_arrays(
+            adapter_ref, seqs, lengths, temperature, a["logprobs"], a["token_ids"],
+            a["actual_logprobs"][:, :, 0], a["actual_token_ids"][:, :, 0], a["completion_lengths"],
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "needle"),
+    [
+        ({"sequences": [[5, 6, 7]], "prompt_lengths": [1, 2]}, "sequences", "same length"),
+        ({"sequences": [[5, 6, 7]], "prompt_lengths": [4]}, "prompt_lengths", "prompt_lengths[0]"),
+        ({"sequences": [[5, 6, 7]], "prompt_lengths": [-1]}, "prompt_lengths", "out of range"),
+        ({"sequences": [[5] * MAX_MODEL_LEN], "prompt_lengths": [1]}, "sequences", "max_model_len"),
+        ({"sequences": [[5, 6, 10**9]], "prompt_lengths": [1]}, "sequences", "sequences[0][2]"),
+        ({"sequences": [[5, 6, 7]], "prompt_lengths": [1], "top_logprobs": 101}, "top_logprobs", "--max-logprobs"),
+        ({"sequences": [[5, 6, 7]], "prompt_lengths": [1], "temperature": 0}, "temperature", "greater than 0"),
+        ({"sequences": [[5, 6, 7]], "prompt_lengths": [1], "response_format": "xml"}, "response_format", "response_format"),
+        ({"sequences": [[5, 6, 7]], "prompt_lengths": [1], "images": []}, "images", "not a field"),
+        ({"sequences": [["5", 6]], "prompt_lengths": [1]}, "sequences", "sequences[0][0]"),
+        ({"prompt_lengths": [1]}, "sequences", "required"),
+        ({"sequences": [[]], "prompt_lengths": [0]}, "sequences", "must not be empty"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_a_400_naming_the_field(teacher_server, body, param, needle):
+    r = post(teacher_server, body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and needle in error["message"], error
+
+
+def test_unknown_model_is_vllms_404_and_the_server_goes_on(teacher_server):
+    r = post(teacher_server, {"sequences": [[5, 6, 7]], "prompt_lengths": [1], "model": "nope"})
+    assert r.status_code == 404, r.text
+    r = post(teacher_server, {"sequences": [[5, 6, 7]], "prompt_lengths": [1], "top_logprobs": 0})
+    assert r.status_code == 200 and len(r.json()["logprobs"][0]) == 2
+
+
+def test_route_is_guarded_by_the_servers_api_key(server):
+    from .conftest import API_KEY
+
+    body = {"sequences": [[5, 6, 7]], "prompt_lengths": [1], "top_logprobs": 2}
+    assert post(server, body).status_code == 401
+    r = post(server, body, headers={"Authorization": f"Bearer {API_KEY}"})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_offline_matches_transformers(llm, ref, temperature):
+    seqs, lengths = groups(ref.model.config.vocab_size, seed=3)
+    out = vllm_loglik.sequence_logprobs(
+        llm, seqs, lengths, top_logprobs=K, temperature=temperature
+    )
+    check_arrays(
+        ref, seqs, lengths, temperature, out.logprobs, out.token_ids, out.actual_logprobs,
+        out.actual_token_ids, out.completion_lengths,
+    )  # fmt: skip
+    # The actual token's rank, as vLLM counts it (ties count as higher).
+    for i, (seq, plen) in enumerate(zip(seqs, lengths)):
+        for t, row in enumerate(reference(ref, seq, plen, temperature)):
+            if row is not None:
+                assert out.ranks[i][t] == int((row >= row[seq[plen + t]]).sum())
+
+
+def test_offline_bad_input_is_a_value_error(llm):
+    with pytest.raises(ValueError, match=r"prompt_lengths\[0\]"):
+        vllm_loglik.sequence_logprobs(llm, [[5, 6]], [3])
+    with pytest.raises(ValueError, match="max_logprobs"):
+        vllm_loglik.sequence_logprobs(llm, [[5, 6]], [1], top_logprobs=21)
+    with pytest.raises(ValueError, match="temperature"):
+        vllm_loglik.sequence_logprobs(llm, [[5, 6]], [1], temperature=-1)
