@@ -43,7 +43,7 @@ NEXT_DIR := .cache/vllm-$(VLLM_NEXT)
 NEXT_TESTS := tests/test_fingerprints.py tests/test_offline.py tests/test_target_logprobs.py \
 	tests/test_server.py tests/test_echo.py tests/test_lora.py \
 	tests/test_batch.py tests/test_lm_eval_offline.py tests/test_operations.py tests/test_words.py \
-	tests/test_tokenizers.py
+	tests/test_tokenizers.py tests/test_teacher.py
 # Left out there for time (each covered by make test on 0.32, and its path by another test here):
 # lm-eval's data-parallel chat run (Ray), the batch CLI's Ctrl-C in a terminal, and the front end
 # of two API-server processes.

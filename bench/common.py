@@ -114,7 +114,7 @@ def reserved_env(reserved: int) -> dict[str, str]:
 
 def serve(
     model: str, dtype: str, max_model_len: int, caching: bool, port: int, reserved: int,
-    block_size: int | None = None, plugin: bool = True,
+    block_size: int | None = None, plugin: bool = True, env: dict | None = None,
 ) -> ApiServer:  # fmt: skip
     args = [
         "--served-model-name", "bench", "--dtype", dtype, "--max-model-len", str(max_model_len),
@@ -126,8 +126,9 @@ def serve(
         args += ["--block-size", str(block_size)]
     log = ROOT / ".cache" / f"bench-server-{port}.log"
     return ApiServer(
-        model, args, log, port=port, timeout=600, env=reserved_env(reserved), plugin=plugin
-    )
+        model, args, log, port=port, timeout=600, env={**reserved_env(reserved), **(env or {})},
+        plugin=plugin,
+    )  # fmt: skip
 
 async def run_bodies(url: str, bodies: list[dict], clients: int) -> tuple[float, list[dict]]:
     """Send `bodies` to /v1/completions from `clients` concurrent workers; wall time, responses."""

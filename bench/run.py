@@ -38,11 +38,15 @@ on the Python standard library's source, bf16) in `.cache/bench-model`, then mea
     against the token scores of the same documents, on the same server;
 17. report: `vllm-loglik report` of a 10,000-line `--details` run, opened in headless
     Chromium: the time until the page is usable against the time the same browser takes to
-    load the scores file as plain text, with the report's size.
+    load the scores file as plain text, with the report's size;
+18. TRL's teacher request (`/get_sequence_logprobs/`, json and binary) against plain vLLM's
+    `/v1/completions` with `prompt_logprobs` (what TRL's client sends), a long shared prompt;
+19. the same with long completions, and the size of the answers.
 
 Each family of rows is a module of its own, which a newcomer can read whole: `server_rows.py`
 (1, 2, 4, 5, 6, 16), `offline_rows.py` (3, 7), `batch_rows.py` (9), `lm_eval_rows.py` (8, 10, 11,
-13), `token_responses.py` (12), `echo_rows.py` (14, 15), `report_rows.py` (17); what they share (the sizes, the model, servers, timing, a row in
+13), `token_responses.py` (12), `echo_rows.py` (14, 15), `report_rows.py` (17), `teacher_rows.py`
+(18, 19); what they share (the sizes, the model, servers, timing, a row in
 a process of its own) is in `common.py`. This script runs them and prints the table.
 
 Rows 1-3 and 6 run twice: with vLLM's CPU default of one core reserved for the front-end
@@ -54,7 +58,7 @@ Every row runs in the dtype that the CPU runs natively: bfloat16 where the CPU h
 and a ratio would measure the emulation); the JSON records the dtype and the CPU's model and
 flags. `--only KEY[,KEY]` re-runs some rows (keys of the JSON: `offline`, `server`,
 `multiple_choice`, `offline_multiple_choice`, `batch`, `lm_eval`, `lm_eval_offline`,
-`token_responses`, `echo`, `memory_large_vocab`, `words`, `report`) and keeps
+`token_responses`, `echo`, `memory_large_vocab`, `words`, `report`, `teacher`) and keeps
 the others' figures from the existing JSON.
 Prints a markdown table and writes the figures as JSON (`bench/latest.json`, or `--json PATH`).
 `--vllm VERSION` runs the rows on another vLLM's Python (`tests/vllm_next/build_tree.py`, first
@@ -79,6 +83,7 @@ import lm_eval_rows  # noqa: E402
 import offline_rows  # noqa: E402
 import report_rows  # noqa: E402
 import server_rows  # noqa: E402
+import teacher_rows  # noqa: E402
 import token_responses  # noqa: E402
 from common import (  # noqa: E402
     FULL,
@@ -96,7 +101,7 @@ from docs_tables import write_docs_table  # noqa: E402
 
 #: The modules whose rows the table prints, each with `table_rows(results, size)`.
 FAMILIES = (server_rows, offline_rows, batch_rows, lm_eval_rows, token_responses, echo_rows,
-            report_rows)  # fmt: skip
+            report_rows, teacher_rows)  # fmt: skip
 
 
 def table(r: dict, size: Size) -> str:
@@ -152,7 +157,7 @@ def main() -> None:
     out = args.json or (ROOT / "bench" / name)
     keys = ["offline", "server", "multiple_choice", "offline_multiple_choice", "batch",
             "lm_eval", "lm_eval_offline", "token_responses", "echo", "memory_large_vocab",
-            "words", "report"]  # fmt: skip
+            "words", "report", "teacher"]  # fmt: skip
     # The smoke run leaves out row 5 on a 131k vocabulary: a server of its own, around a
     # 131k-vocabulary model, whose measuring code is row 5's.
     default = [k for k in keys if not (args.smoke and k == "memory_large_vocab")]
@@ -199,6 +204,8 @@ def main() -> None:
         results["memory_large_vocab"] = server_rows.memory_large_vocab(size, dtype)
     if "words" in only:
         results["words"] = server_rows.words_row(model, dtype, size)
+    if "teacher" in only:
+        results["teacher"] = teacher_rows.teacher_rows(model, dtype, size)
     if "report" in only:
         results["report"] = report_rows.report_row(args.smoke)
         where["report"]["dtype"] = "float32 (the scores run; the report's timing does not depend on it)"
