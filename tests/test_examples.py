@@ -32,6 +32,7 @@ def run(server, *args: str) -> str:
         ("multiple_choice.py", ["' Mars'", "most likely:"]),
         ("rank_chat_replies.py", ["1. ", "3. ", "per token"]),
         ("surprising_tokens.py", ["expected:"]),
+        ("teacher_logprobs.py", ["4 sequences", "' Paris.'", "teacher's top-1 agrees"]),
     ],
 )
 def test_client_examples(server, script, expected):

@@ -6,7 +6,12 @@ value; top-k ids equal where the logprobs are not tied), under a LoRA adapter to
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -14,6 +19,7 @@ import pytest
 
 import vllm_loglik
 from vllm_loglik.teacher import decode_binary
+from vllm_loglik.testing import with_pythonpath
 
 from .conftest import MAX_MODEL_LEN, Reference, Server, lora_args
 from .test_lora import AdapterReference
@@ -128,15 +134,18 @@ def test_route_matches_transformers(teacher_server, ref, temperature, fmt):
             assert np.allclose(sorted(lps, reverse=True)[:K], top.values.numpy(), atol=TOL)
 
 
-def test_trl_client_stock_path(teacher_server, ref):
-    """TRL 1.16's own client, unchanged, at T = 1: it posts `prompt_logprobs` to
-    `/v1/completions` (vLLM's own answer) and slices the completion rows out."""
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_trl_client_stock_path(teacher_server, ref, temperature):
+    """TRL 1.16's own client, unchanged: it posts `prompt_logprobs` to `/v1/completions`
+    (vLLM's own answer) and slices the completion rows out. Right at T = 1; at T = 0.7 vLLM's
+    prompt logprobs are the raw ones (T = 1), as `docs/post-training.md` says: the stock path
+    stays vLLM's own answer."""
     from trl.generation.vllm_client import VLLMClient
 
     seqs, lengths = groups(ref.model.config.vocab_size, seed=1)
     seqs, lengths = seqs[:-2], lengths[:-2]  # TRL's slicing has no row for a prompt length 0
     client = VLLMClient(base_url=teacher_server.url)
-    out = client.get_sequence_logprobs(seqs, lengths, top_logprobs=K, temperature=1.0)
+    out = client.get_sequence_logprobs(seqs, lengths, top_logprobs=K, temperature=temperature)
     lens = [len(r) for r in out["actual_logprobs"]]
     actual = [[a[0] for a in r] for r in out["actual_logprobs"]]
     actual_ids = [[a[0] for a in r] for r in out["actual_token_ids"]]
@@ -149,6 +158,57 @@ def test_trl_client_stock_path(teacher_server, ref):
         ref, seqs, lengths, 1.0,
         padded(out["logprobs"], [-math.inf] * K), padded(out["logprob_token_ids"], [0] * K),
         padded(actual, -math.inf), padded(actual_ids, 0), lens,
+    )  # fmt: skip
+
+
+#: TRL 1.10, the last whose client posts to `trl vllm-serve`'s route (`make test` installs it
+#: there, beside trl 1.16 in the venv).
+TRL_ROUTE_CLIENT = Path(__file__).resolve().parent.parent / ".cache" / "trl-1.10.0"
+
+ROUTE_CLIENT = """
+import json, sys
+from trl.generation.vllm_client import VLLMClient
+url, seqs, lengths, k, t, binary = json.loads(sys.argv[1])
+out = VLLMClient(base_url=url).get_sequence_logprobs(seqs, lengths, top_logprobs=k, temperature=t,
+                                                     use_binary=binary)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize(("temperature", "binary"), [(0.7, True), (1.0, False)])
+def test_trl_route_client(teacher_server, ref, temperature, binary):
+    """TRL 1.10's own client, unchanged, posts to `/get_sequence_logprobs/`: binary at T = 0.7
+    (every array), json at T = 1 (its top-k lists: vLLM's entries sorted by rank)."""
+    assert (TRL_ROUTE_CLIENT / "trl" / "generation" / "vllm_client.py").exists(), "run make test"
+    seqs, lengths = groups(ref.model.config.vocab_size, seed=4)
+    args = json.dumps([teacher_server.url, seqs, lengths, K, temperature, binary])
+    env = dict(os.environ, PYTHONPATH=with_pythonpath(str(TRL_ROUTE_CLIENT)))
+    done = subprocess.run([sys.executable, "-c", ROUTE_CLIENT, args], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.splitlines()[-1])
+    lens = [len(r) for r in out["logprobs"]]
+    assert lens == [len(s) - p for s, p in zip(seqs, lengths)]
+    if not binary:
+        for i, (seq, plen) in enumerate(zip(seqs, lengths)):
+            for t, row in enumerate(reference(ref, seq, plen, temperature)):
+                lps, ids = out["logprobs"][i][t], out["logprob_token_ids"][i][t]
+                if row is None:
+                    assert lps == [] and ids == []
+                    continue
+                assert seq[plen + t] in ids and len(ids) in (K, K + 1)
+                assert all(abs(lp - row[tid].item()) < TOL for tid, lp in zip(ids, lps))
+        return
+    pad = max(lens)
+
+    def padded(rows, fill):
+        return [r + [fill] * (pad - len(r)) for r in rows]
+
+    check_arrays(
+        ref, seqs, lengths, temperature,
+        padded(out["logprobs"], [-math.inf] * K), padded(out["logprob_token_ids"], [0] * K),
+        padded([[a[0] for a in r] for r in out["actual_logprobs"]], -math.inf),
+        padded([[a[0] for a in r] for r in out["actual_token_ids"]], 0), lens,
     )  # fmt: skip
 
 
@@ -232,3 +292,101 @@ def test_offline_bad_input_is_a_value_error(llm):
         vllm_loglik.sequence_logprobs(llm, [[5, 6]], [1], top_logprobs=21)
     with pytest.raises(ValueError, match="temperature"):
         vllm_loglik.sequence_logprobs(llm, [[5, 6]], [1], temperature=-1)
+
+
+# ------------------------------------------------- the field: token-id continuations as arrays
+
+
+def check_entry_arrays(ref, prompt, continuation, arrays, temperature, k):
+    """One entry's `arrays` (decoded) against the reference over prompt + continuation."""
+    seq = prompt + continuation
+    rows = reference(ref, seq, len(prompt), temperature)
+    assert list(arrays["token_ids"]) == continuation
+    for t, row in enumerate(rows):
+        token = continuation[t]
+        assert abs(arrays["logprobs"][t] - row[token].item()) < TOL
+        assert arrays["ranks"][t] == int((row >= row[token]).sum())
+        top, ids = row.topk(k + 1)
+        assert np.allclose(arrays["top_logprobs"][t], top[:k].numpy(), atol=TOL)
+        for j in range(k):
+            if all(abs(top[j] - top[m]) >= 1e-5 for m in (j - 1, j + 1) if 0 <= m <= k):
+                assert arrays["top_token_ids"][t][j] == ids[j].item()
+
+
+def test_field_arrays_at_a_temperature(teacher_server, ref):
+    """`loglikelihood.continuations` of token ids with `content: "arrays"`, more alternatives
+    than vLLM's default cap of 20 (this server's --max-logprobs is 100), at T = 0.7."""
+    from vllm_loglik.protocol import decode_arrays, entries
+
+    seqs, lengths = groups(ref.model.config.vocab_size, seed=5)
+    prompt = seqs[0][: lengths[0]]
+    continuations = [s[lengths[0] :] for s in seqs[:3]]
+    k = 30
+    client = teacher_server.client()
+    response = client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=0,
+        extra_body={"loglikelihood": {"continuations": continuations, "content": "arrays",
+                                      "top_logprobs": k, "temperature": 0.7}},
+    )  # fmt: skip
+    scored = entries(response.choices[0])
+    assert [e.content for e in scored] == [None] * 3
+    for entry, continuation in zip(scored, continuations, strict=True):
+        arrays = decode_arrays(entry)
+        check_entry_arrays(ref, prompt, continuation, arrays, 0.7, k)
+        assert abs(entry.logprob - float(arrays["logprobs"].astype(np.float64).sum())) < 1e-3
+        assert entry.num_tokens == len(continuation)
+
+
+@pytest.mark.parametrize(
+    ("options", "param", "needle"),
+    [
+        ({"continuations": [[5, 6]], "top_logprobs": 101}, "loglikelihood.top_logprobs", "--max-logprobs"),
+        ({"temperature": 0.5, "words": True}, "loglikelihood.temperature", "words"),
+        ({"temperature": 0}, "body.loglikelihood", "loglikelihood.temperature"),
+        ({"content": "tables"}, "body.loglikelihood", "loglikelihood.content"),
+    ],
+)  # fmt: skip
+def test_field_bad_options_are_400s(teacher_server, options, param, needle):
+    r = httpx.post(teacher_server.url + "/v1/completions", timeout=60, json={
+        "model": "tiny", "prompt": [5, 6, 7, 8], "max_tokens": 0, "loglikelihood": options})  # fmt: skip
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and needle in error["message"], error
+
+
+def test_offline_tokens_as_arrays_at_a_temperature(llm, ref):
+    seqs, lengths = groups(ref.model.config.vocab_size, seed=6)
+    prompt = seqs[0][: lengths[0]]
+    pairs = [(prompt, s[lengths[0] :]) for s in seqs[:3]]
+    scores = vllm_loglik.loglikelihood_tokens(
+        llm, pairs, top_logprobs=K, temperature=0.7, arrays=True
+    )
+    for score, (ctx, cont) in zip(scores, pairs, strict=True):
+        assert score.tokens == [] and score.num_tokens == len(cont)
+        a = score.arrays
+        arrays = {"token_ids": a.token_ids, "logprobs": a.logprobs, "ranks": a.ranks,
+                  "top_token_ids": a.top_token_ids, "top_logprobs": a.top_logprobs}  # fmt: skip
+        check_entry_arrays(ref, ctx, cont, arrays, 0.7, K)
+
+
+def test_batch_engine_loop_writes_arrays(llm, ref):
+    """The batch CLI's engine loop (what `vllm-loglik score` runs in process) on lines that ask
+    for arrays: DPO's reference logprobs of a dataset, precomputed."""
+    from vllm_loglik import batch
+    from vllm_loglik.protocol import decode_arrays
+
+    seqs, lengths = groups(ref.model.config.vocab_size, seed=7)
+    prompt = seqs[0][: lengths[0]]
+    chosen, rejected = seqs[0][lengths[0] :], seqs[1][lengths[0] :]
+    lines = [json.dumps({"id": "pair-1", "prompt": prompt, "loglikelihood": {
+        "continuations": [chosen, rejected], "content": "arrays", "top_logprobs": 3}})]  # fmt: skip
+    lines.append(json.dumps({"id": "bad", "prompt": prompt, "loglikelihood": {
+        "continuations": [chosen], "content": "arrays", "top_logprobs": 21}}))  # fmt: skip
+    records: list[dict] = []
+    batch.run_engine(llm, iter(enumerate(lines, 1)), records.append, details=False)
+    good, bad = sorted(records, key=lambda r: r["line"])
+    assert good["id"] == "pair-1"
+    for entry, cont in zip(good["loglikelihood"], (chosen, rejected), strict=True):
+        check_entry_arrays(ref, prompt, cont, decode_arrays(entry), 1.0, 3)
+    assert bad["error"]["param"] == "loglikelihood.top_logprobs"
+    assert "max_logprobs" in bad["error"]["message"]

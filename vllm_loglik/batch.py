@@ -12,7 +12,9 @@ number, in order::
 
 Entries are compact by default: `index`, `text`, `logprob`, `num_tokens`, `is_greedy`,
 `perplexity`, `num_bytes` (UTF-8 bytes of the scored text) and `bits_per_byte`, what corpus
-filters use. `details` adds each entry's per-token `content`, as the server returns it.
+filters use. `details` adds each entry's per-token `content`, as the server returns it; a
+line whose `loglikelihood` asks for `"content": "arrays"` gets `arrays` (its scored tokens' ids,
+logprobs, ranks and top k as base64 arrays: DPO's reference logprobs of a dataset, precomputed).
 
 The engine is fed continuously: lines are read ahead until the tokens in flight reach a budget,
 each line's spans go through the protocol of `vllm_loglik.engine_requests` (a shared context
@@ -49,6 +51,7 @@ from .requests import (
     translate_chat,
     translate_completion,
 )
+from .runners import runner_of
 from .scoring import Score
 
 #: Set (by the CLI's SIGINT and SIGTERM handler) to stop a run at its next safe point: between
@@ -87,7 +90,8 @@ class Work:
     jobs: list[Job] = field(default_factory=list)
     top_logprobs: int = 0
     words: bool = False  # the engine computes word-boundary masses (corrected words)
-    content: bool = False  # entries carry per-token `content`
+    content: bool | str = False  # entries carry per-token `content` (or `arrays`)
+    temperature: float = 1.0  # of the distribution scored
     label: Any = None  # the index of a multiple-choice line's right continuation
     openai: BatchLine | None = None  # a line of the OpenAI Batch format
     native: NativeCompletion | None = None  # ... whose body vLLM's own handler answers
@@ -132,17 +136,20 @@ def parse_line(
             else:
                 logprobs = body.get("logprobs")
             translation = translate_body(scorer, body, max_continuations, logprobs, request.chat)
-            work.content = translation.content
+            work.content, work.temperature = translation.content, translation.temperature
             work.jobs, work.top_logprobs = translation.jobs, translation.top_logprobs
             work.words = translation.corrected_words
             return work
         body = text if isinstance(text, dict) else load_body(text)
         work.id, work.label = body.get("id"), body.get("label")
         work.model = body.get("model")
-        work.jobs, work.top_logprobs, work.words = body_jobs(
-            scorer, body, details, max_continuations
-        )
-        work.content = details
+        translation = translate_body(scorer, body, max_continuations, None, "messages" in body)
+        work.jobs, work.words = translation.jobs, translation.corrected_words
+        # Entries list their tokens with --details, and as arrays where the line asks for them.
+        arrays = translation.content == "arrays"
+        work.content = "arrays" if arrays else details
+        work.top_logprobs = translation.top_logprobs if details or arrays else 0
+        work.temperature = translation.temperature
     except RequestError as e:
         work.error = {"message": str(e)}
         if e.param:
@@ -164,15 +171,6 @@ def read_openai_line(work: Work, text: str | dict[str, Any]) -> BatchLine:
     work.openai = BatchLine(line.get("custom_id"), "", {})
     work.openai = openai_batch.parse(line)
     return work.openai
-
-
-def body_jobs(
-    scorer: Scorer, body: dict[str, Any], details: bool, max_continuations: int
-) -> tuple[list[Job], int, bool]:
-    """The jobs of a request body (the server's one translation, `vllm_loglik.requests`), the
-    alternatives per token to compute, and whether the engine computes word-boundary masses."""
-    work = translate_body(scorer, body, max_continuations, None, "messages" in body)
-    return work.jobs, work.top_logprobs if details else 0, work.corrected_words
 
 
 def translate_body(
@@ -390,6 +388,10 @@ def run_engine(
     words_problem = corrected_words_problem(
         llm.llm_engine.vllm_config, "loglikelihood.word_probability"
     )
+    config = llm.llm_engine.vllm_config
+    max_logprobs = config.model_config.max_logprobs
+    max_logprobs = config.model_config.get_vocab_size() if max_logprobs == -1 else max_logprobs
+    runner = runner_of(config)
 
     # Where the engine's LoRA kernels mix base-model and adapter requests up (vLLM's CPU
     # build: `lora_mixing_unsafe`), lines of the other kind wait until those in flight are done.
@@ -416,6 +418,8 @@ def run_engine(
                         work.error = {
                             "message": words_problem, "param": "loglikelihood.word_probability"
                         }
+                    if work.error is None:
+                        work.error = engine_problem(work, max_logprobs, runner)
                     lora_request = None
                     try:
                         lora_request = adapters.resolve(work.model)
@@ -437,7 +441,7 @@ def run_engine(
                     spans = [span for job in work.jobs for span in job.spans]
                     protocol = score_spans(
                         spans, work.top_logprobs, stream.block_size, f"line{n}", words=work.words,
-                        runner=stream.runner,
+                        runner=stream.runner, temperature=work.temperature,
                     )  # fmt: skip
                 works[n] = work
                 try:
@@ -450,6 +454,25 @@ def run_engine(
                 emit(finish(scorer, works.pop(n), rows, model, native))
     finally:
         stream.abort()
+
+
+def engine_problem(work: Work, max_logprobs: int, runner: Any) -> dict[str, Any] | None:
+    """The error of a line that this engine cannot score as asked, as the server's 400s say
+    it: more alternatives than its `max_logprobs`, or a temperature where the runner's patch
+    is off."""
+    if work.top_logprobs > max_logprobs:
+        return {
+            "message": f"top_logprobs is {work.top_logprobs}; this engine allows at most "
+            f"{max_logprobs} (its max_logprobs; --max-logprobs)",
+            "param": "loglikelihood.top_logprobs",
+        }
+    if work.temperature != 1 and runner.temperature_problem is not None:
+        return {
+            "message": "loglikelihood.temperature other than 1 needs this package's engine "
+            f"patch, which is off here ({runner.temperature_problem})",
+            "param": "loglikelihood.temperature",
+        }
+    return None
 
 
 def served_name(llm: Any) -> str:

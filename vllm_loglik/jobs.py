@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .engine_output import ScoredRows
-from .scoring import Score, combine, score_tokens, score_totals, scored_text
+from .scoring import Score, TokenArrays, combine, score_tokens, score_totals, scored_text
 from .spans import (
     Span,
     chat_span,
@@ -33,7 +33,8 @@ from .spans import (
 from .tokenization import Tokenization
 from .words import WordLayout, layout, word_scores
 
-#: The most alternatives per token that a request may ask for (the OpenAI API's limit).
+#: The most alternatives per token where no engine's cap is known (vLLM's default
+#: `max_logprobs`, the OpenAI API's limit).
 MAX_TOP_LOGPROBS = 20
 
 
@@ -50,10 +51,12 @@ class Job:
     prompt_first: int | None = None
 
 
-def check_top_logprobs(value: Any, field: str = "top_logprobs") -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOP_LOGPROBS:
+def check_top_logprobs(value: Any, field: str = "top_logprobs", cap: int = MAX_TOP_LOGPROBS) -> int:
+    """`value` as alternatives per token: 0 to `cap` (the engine's `max_logprobs`)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= cap:
         raise ValueError(
-            f"{field} must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {excerpt(value)}"
+            f"{field} must be an integer from 0 to {cap} (the engine's max_logprobs), got "
+            f"{excerpt(value)}"
         )
     return value
 
@@ -211,21 +214,23 @@ class Scorer:
         job: Job,
         scored: Sequence[ScoredRows],
         top_logprobs: int = 0,
-        content: bool = True,
+        content: bool | str = True,
     ) -> Score:
         """The `Score` of `job` from the `ScoredRows` of each of its spans, as
         `vllm_loglik.engine_output.span_logprobs` reads them from the engine's output.
 
         `content=False` computes only the totals (`tokens` is then empty, `num_tokens` counts
-        the scored tokens): no token is decoded, and no object is built per token.
+        the scored tokens): no token is decoded, and no object is built per token;
+        `content="arrays"` adds the scored tokens as arrays (`Score.arrays`, `TokenArrays`).
         """
-        if not content:
+        if content is not True:
             logprob, is_greedy, count = 0.0, True, 0
             for span, rows in zip(job.spans, scored, strict=True):
                 total, greedy = score_totals(span, rows)
                 logprob, is_greedy = logprob + total, is_greedy and greedy
                 count += len(rows)
-            score = Score(job.text, logprob, is_greedy, count, [])
+            arrays = TokenArrays.of(job.spans, scored, top_logprobs) if content == "arrays" else None
+            score = Score(job.text, logprob, is_greedy, count, [], arrays=arrays)
         else:
             parts = [
                 score_tokens(span, rows, self.tokens, top_logprobs)

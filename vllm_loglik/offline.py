@@ -100,15 +100,30 @@ def run_jobs(
     words: Any = False,
     word_probability: str = "corrected",
     name: str = "requests",
+    temperature: float = 1.0,
+    arrays: bool = False,
 ) -> list[Score]:
     """Score `jobs` with the protocol of `vllm_loglik.engine_requests`, one `LLM.generate`
     call per batch of it, every request under `lora_request` (None: the base model), and
-    return their scores in order; with `words`, each score's words too."""
-    top_logprobs = check_top_logprobs(top_logprobs)
+    return their scores in order; with `words`, each score's words too; with a `temperature`
+    other than 1, of log softmax(logits / T); with `arrays`, each score's tokens as arrays
+    (`Score.arrays`) instead of objects."""
     config = llm.llm_engine.vllm_config
+    top_logprobs = check_top_logprobs(top_logprobs, cap=engine_max_logprobs(config))
+    temperature = check_temperature(temperature)
     problem = lora_scoring_problem(config)
     if problem is not None:
         raise ValueError(problem)
+    if temperature != 1:
+        problem = runner_of(config).temperature_problem
+        if problem is not None:
+            raise ValueError(
+                f"temperature {temperature} needs this package's engine patch, which is off "
+                f"here ({problem}); vLLM's own prompt logprobs ignore it"
+            )
+        if words is not False and words is not None:
+            raise ValueError("temperature cannot be combined with words: word scores are of the "
+                             "model's own distribution")  # fmt: skip
     scorer = scorer_for(llm)
     jobs = _with_words(scorer, jobs, words, word_probability, name)
     corrected = any(job.words is not None and job.words.corrected for job in jobs)
@@ -125,8 +140,20 @@ def run_jobs(
                 f"{max(cap - extra, 0)} (or build the LLM with a larger max_logprobs)"
             )
     spans = [span for job in jobs for span in job.spans]
-    scored = iter(run_spans(llm, spans, top_logprobs, use_tqdm, lora_request, corrected))
-    return [scorer.finish(job, [next(scored) for _ in job.spans], top_logprobs) for job in jobs]
+    scored = iter(
+        run_spans(llm, spans, top_logprobs, use_tqdm, lora_request, corrected, temperature)
+    )
+    content = "arrays" if arrays else True
+    return [
+        scorer.finish(job, [next(scored) for _ in job.spans], top_logprobs, content)
+        for job in jobs
+    ]
+
+
+def engine_max_logprobs(config: Any) -> int:
+    """The engine's cap on logprobs per position (`max_logprobs`; -1 is the vocabulary)."""
+    cap = config.model_config.max_logprobs
+    return config.model_config.get_vocab_size() if cap == -1 else cap
 
 
 def run_spans(
@@ -180,7 +207,7 @@ def sequence_logprobs(
     once where prefix caching is on.
 
         >>> out = sequence_logprobs(llm, [prompt + chosen, prompt + rejected], [len(prompt)] * 2)
-        >>> reference = out.actual_logprobs.sum(axis=1)      # padding is -inf: mask it first
+        >>> reference = np.where(out.ranks > 0, out.actual_logprobs, 0).sum(axis=1)  # no padding
 
     Raises `ValueError` naming `sequences[i]` or `prompt_lengths[i]`, a `top_logprobs` over the
     engine's `max_logprobs`, or a temperature other than 1 where the engine cannot apply it.
@@ -189,13 +216,7 @@ def sequence_logprobs(
     problem = lora_scoring_problem(config)
     if problem is not None:
         raise ValueError(problem)
-    cap = config.model_config.max_logprobs
-    cap = config.model_config.get_vocab_size() if cap == -1 else cap
-    if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or not 0 <= top_logprobs <= cap:
-        raise ValueError(
-            f"top_logprobs must be an integer from 0 to {cap} (the engine's max_logprobs), "
-            f"got {excerpt(top_logprobs)}"
-        )
+    top_logprobs = check_top_logprobs(top_logprobs, cap=engine_max_logprobs(config))
     temperature = check_temperature(temperature)
     runner = runner_of(config)
     if temperature != 1 and runner.temperature_problem is not None:
@@ -280,6 +301,8 @@ def loglikelihood_tokens(
     lora_request: Any = None,
     words: bool | Sequence[Sequence[tuple[int, int]]] = False,
     word_probability: str = "corrected",
+    temperature: float = 1.0,
+    arrays: bool = False,
 ) -> list[Score]:
     """log P(continuation | context) for each `(context_ids, continuation_ids)` pair of token
     ids, each used exactly as given: lm-eval's `_loglikelihood_tokens`, and the way to score n
@@ -290,14 +313,20 @@ def loglikelihood_tokens(
         >>> prompt = llm.get_tokenizer().encode("Q: 2 + 2 =")
         >>> [a, b] = loglikelihood_tokens(llm, [(prompt, ids_a), (prompt, ids_b)])
 
+    `temperature=T` scores under log softmax(logits / T) (a teacher's distribution; vLLM's own
+    prompt logprobs ignore a request's temperature). `arrays=True` gives each `Score` its
+    tokens as numpy arrays (`Score.arrays`: ids, logprobs, ranks, and the top `top_logprobs`)
+    instead of an object per token: reference logprobs of many long responses.
+
     Raises `ValueError` for an empty continuation, an id outside the vocabulary (naming
     `requests[i]` and the id's place), or a pair longer than the model's context.
     """
     scorer = scorer_for(llm)
     jobs = _jobs(requests, "requests", lambda item: scorer.pair_ids(*_token_pair(item)))
     return run_jobs(
-        llm, jobs, top_logprobs, use_tqdm, lora_request, words, word_probability, "requests"
-    )
+        llm, jobs, top_logprobs, use_tqdm, lora_request, words, word_probability, "requests",
+        temperature, arrays,
+    )  # fmt: skip
 
 
 def _token_pair(item: Any) -> tuple[Sequence[int], Sequence[int]]:

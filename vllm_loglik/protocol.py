@@ -7,7 +7,8 @@ Request (an extra field on `/v1/completions` and `/v1/chat/completions`)::
     "loglikelihood": true
         Score every prompt token except the first (the hosted API's boolean field).
     "loglikelihood": {"continuations": [...], "scope": "prompt" | "last_message" | "rolling",
-                      "top_logprobs": 0..20, "content": true | false,
+                      "top_logprobs": 0..max_logprobs, "temperature": T,
+                      "content": true | false | "arrays",
                       "words": true | [[start, end], ...], "word_probability": "corrected"}
         See `LoglikelihoodOptions`.
 
@@ -22,6 +23,9 @@ native `logprobs`::
 With `"content": false` (the compact response), an entry has no `content`: only `index`,
 `text`, `logprob`, `num_tokens` and `is_greedy`, which is what multiple choice and bulk
 scoring need, at a fraction of the server's work per token.
+
+With `"content": "arrays"`, an entry is the compact one plus `arrays`: the scored tokens' ids,
+logprobs, ranks and top k as base64 arrays (`EntryArrays`, read with `decode_arrays`).
 
 With an OpenAI client, `entries(choice)` reads them from a response choice.
 """
@@ -69,10 +73,19 @@ class LoglikelihoodOptions(BaseModel):
     top_logprobs: int | None = Field(
         default=None,
         ge=0,
-        le=20,
         description=(
-            "Alternatives per scored token. Default: the request's `top_logprobs` (chat) or "
-            "`logprobs` (completions), else 0. Needs `content: true`."
+            "Alternatives per scored token, up to the server's --max-logprobs (vLLM's default "
+            "20). Default: the request's `top_logprobs` (chat) or `logprobs` (completions), "
+            "else 0. Needs `content: true` or `\"arrays\"`."
+        ),
+    )
+    temperature: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Score under the model's distribution at this temperature: log softmax(logits / T) "
+            "(a teacher's, in distillation). Default 1, the model's own. vLLM's own prompt "
+            "logprobs ignore the request's `temperature`; this one does not. Not with `words`."
         ),
     )
     words: StrictBool | list[list[StrictInt]] | list[list[list[StrictInt]]] | None = Field(
@@ -93,12 +106,15 @@ class LoglikelihoodOptions(BaseModel):
             "and Meister 2024). `tokens`: the plain sum of its tokens' logprobs."
         ),
     )
-    content: bool = Field(
+    content: bool | Literal["arrays"] = Field(
         default=True,
         description=(
             "`true`: each entry lists its scored tokens in `content`. `false`: the compact "
             "response, whose entries hold only `index`, `text`, `logprob`, `num_tokens` and "
-            "`is_greedy`; the server then builds nothing per token."
+            "`is_greedy`; the server then builds nothing per token. `\"arrays\"`: the compact "
+            "entry plus `arrays`, the scored tokens' ids, logprobs, ranks and top "
+            "`top_logprobs` as base64 arrays (`EntryArrays`): many long texts, no JSON object "
+            "per token."
         ),
     )
 
@@ -135,7 +151,7 @@ def parse_loglikelihood(value: Any) -> LoglikelihoodField:
         if err["type"] == "extra_forbidden":
             raise ValueError(
                 f"{where} is not a loglikelihood option (known: continuations, scope, "
-                "top_logprobs, content, words, word_probability)"
+                "top_logprobs, temperature, content, words, word_probability)"
             ) from None
         raise ValueError(f"{where}: {err['msg']}") from None
 
@@ -175,6 +191,64 @@ class WordEntry(BaseModel):
     tokens_logprob: float = Field(description="The plain sum of the word's tokens' logprobs.")
 
 
+class EntryArrays(BaseModel):
+    """The scored tokens of an entry as arrays (`content: "arrays"`): base64 of little-endian
+    int32 / float32 values, `n` rows (the entry's scored tokens) and `k` alternatives per row
+    (best first; `-inf` and 0 past what the engine returned). `decode_arrays` reads them."""
+
+    shape: list[int] = Field(description="`[n, k]`.")
+    token_ids: str = Field(description="int32 `[n]`: the scored tokens.")
+    logprobs: str = Field(description="float32 `[n]`: their logprobs.")
+    ranks: str = Field(description="int32 `[n]`: their ranks (1 = the argmax; ties count higher).")
+    top_token_ids: str = Field(description="int32 `[n, k]`: the k most likely tokens.")
+    top_logprobs: str = Field(description="float32 `[n, k]`: their logprobs.")
+
+
+def arrays_json(arrays: Any) -> dict[str, Any]:
+    """The `EntryArrays` JSON of a `vllm_loglik.scoring.TokenArrays`."""
+    import base64
+
+    def b64(a: Any) -> str:
+        return base64.b64encode(a.astype(a.dtype.newbyteorder("<")).tobytes()).decode("ascii")
+
+    return {
+        "shape": [int(arrays.top_token_ids.shape[0]), int(arrays.top_token_ids.shape[1])],
+        "token_ids": b64(arrays.token_ids),
+        "logprobs": b64(arrays.logprobs),
+        "ranks": b64(arrays.ranks),
+        "top_token_ids": b64(arrays.top_token_ids),
+        "top_logprobs": b64(arrays.top_logprobs),
+    }
+
+
+def decode_arrays(entry: Any) -> dict[str, Any]:
+    """An entry's `arrays` (a dict, an `EntryArrays` or a `LoglikelihoodEntry`) as numpy arrays:
+    `token_ids`, `logprobs`, `ranks` `[n]`, `top_token_ids`, `top_logprobs` `[n, k]`."""
+    import base64
+
+    import numpy as np
+
+    if isinstance(entry, LoglikelihoodEntry):
+        entry = entry.arrays
+    if isinstance(entry, dict) and "arrays" in entry:
+        entry = entry["arrays"]
+    if isinstance(entry, BaseModel):
+        entry = entry.model_dump()
+    n, k = entry["shape"]
+
+    def array(key: str, dtype: Any, shape: tuple[int, ...]) -> Any:
+        raw = base64.b64decode(entry[key])
+        return np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
+
+    return {
+        "token_ids": array("token_ids", np.int32, (n,)),
+        "logprobs": array("logprobs", np.float32, (n,)),
+        "ranks": array("ranks", np.int32, (n,)),
+        "top_token_ids": array("top_token_ids", np.int32, (n, k)),
+        "top_logprobs": array("top_logprobs", np.float32, (n, k)),
+    }
+
+
 class LoglikelihoodEntry(BaseModel):
     """The loglikelihood of one scored text: the prompt, the last message or a continuation."""
 
@@ -190,6 +264,9 @@ class LoglikelihoodEntry(BaseModel):
     words: list[WordEntry] | None = Field(
         default=None, description="The scored text's words, in order (with `words` asked for)."
     )
+    arrays: EntryArrays | None = Field(
+        default=None, description='The scored tokens as arrays (with `content: "arrays"`).'
+    )
     words_left_out: int | None = Field(
         default=None,
         description=(
@@ -200,7 +277,7 @@ class LoglikelihoodEntry(BaseModel):
 
 
 def entry_from_score(
-    index: int, score: Any, content: bool = True, plain: bool = True
+    index: int, score: Any, content: bool | str = True, plain: bool = True
 ) -> dict[str, Any]:
     """The JSON of a `LoglikelihoodEntry` from a `vllm_loglik.Score` (built with no validation:
     it holds an item per scored token, so validation would only cost time); `content=False`
@@ -213,8 +290,10 @@ def entry_from_score(
         "num_tokens": score.num_tokens,
         "is_greedy": score.is_greedy,
     }
-    if content:
+    if content is True:
         entry["content"] = msgspec.to_builtins(score.tokens) if plain else score.tokens
+    if getattr(score, "arrays", None) is not None:
+        entry["arrays"] = arrays_json(score.arrays)
     if score.words is not None:
         entry["words"] = msgspec.to_builtins(score.words) if plain else score.words
         entry["words_left_out"] = score.words_left_out
@@ -236,12 +315,15 @@ def entries(choice: Any) -> list[LoglikelihoodEntry]:
 
 __all__ = [
     "DEFAULT_MAX_CONTINUATIONS",
+    "EntryArrays",
     "LoglikelihoodEntry",
     "LoglikelihoodField",
     "LoglikelihoodOptions",
     "TokenEntry",
     "TopLogprobEntry",
     "WordEntry",
+    "arrays_json",
+    "decode_arrays",
     "entries",
     "entry_from_score",
     "parse_loglikelihood",

@@ -270,11 +270,14 @@ class Translation:
     #: Alternatives per scored token, and the request field it came from (for a cap's message).
     top_logprobs: int
     top_logprobs_field: str
-    content: bool
+    #: `True`, `False` (the compact entries) or `"arrays"`.
+    content: bool | str
     rolling: bool = False
     #: The words asked for, if any, and whether corrected (the engine then computes P_B).
     words: bool = False
     corrected_words: bool = False
+    #: The temperature of the distribution scored (1: the model's own).
+    temperature: float = 1.0
 
     @property
     def jobs(self) -> list[Job]:
@@ -285,14 +288,14 @@ def _top_logprobs(options: LoglikelihoodOptions, fallback: int | None, name: str
     """The alternatives per token: the field's own `top_logprobs`, else the request's `name`
     (which the compact response ignores: it lists no tokens)."""
     if options.top_logprobs is not None:
-        if options.top_logprobs and not options.content:
+        if options.top_logprobs and options.content is False:
             raise RequestError(
                 "loglikelihood.top_logprobs",
-                "loglikelihood.top_logprobs needs loglikelihood.content: true; the compact "
-                "response (content: false) lists no tokens",
+                "loglikelihood.top_logprobs needs loglikelihood.content: true or \"arrays\"; "
+                "the compact response (content: false) lists no tokens",
             )
         return options.top_logprobs, "loglikelihood.top_logprobs"
-    if not options.content:
+    if options.content is not True:
         return 0, name
     return max(fallback or 0, 0), name
 
@@ -350,9 +353,17 @@ def _translation(
     groups: list[list[Job]], k: int, k_field: str, options: LoglikelihoodOptions
 ) -> Translation:
     words = options.words not in (None, False)
+    temperature = 1.0 if options.temperature is None else float(options.temperature)
+    if temperature != 1 and words:
+        raise RequestError(
+            "loglikelihood.temperature",
+            "loglikelihood.temperature cannot be combined with loglikelihood.words: word "
+            "scores are of the model's own distribution",
+        )
     return Translation(
         groups, k, k_field, options.content, rolling=options.scope == "rolling", words=words,
         corrected_words=words and options.word_probability == "corrected",
+        temperature=temperature,
     )  # fmt: skip
 
 

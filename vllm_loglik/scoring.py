@@ -46,6 +46,49 @@ class TokenScore(msgspec.Struct, frozen=True):
 
 
 @dataclass(frozen=True)
+class TokenArrays:
+    """The scored tokens of a text as numpy arrays: the compact array form (`content: "arrays"`),
+    for many long texts (a reference model's logprobs of a dataset's completions, a teacher's
+    top k) where an object per token would cost more than the scoring. Row i is the text's i-th
+    scored token; `top_*` hold the k best alternatives, best first (`-inf` and 0 past what the
+    engine returned)."""
+
+    token_ids: Any  # [n] int32
+    logprobs: Any  # [n] float32
+    ranks: Any  # [n] int32
+    top_token_ids: Any  # [n, k] int32
+    top_logprobs: Any  # [n, k] float32
+
+    @classmethod
+    def of(cls, spans: Sequence[Span], rows: Sequence[ScoredRows], k: int) -> TokenArrays:
+        import numpy as np
+
+        ids = [t for span in spans for t in span.scored_token_ids]
+        n = len(ids)
+        top_ids = np.zeros((n, k), dtype=np.int32)
+        top_lps = np.full((n, k), -np.inf, dtype=np.float32)
+        at = 0
+        for part in rows:
+            if k and part.top is not None:
+                if {len(r) for r in part.top} == {k}:
+                    pairs = np.asarray(part.top, dtype=np.float64).reshape(len(part), k, 2)
+                    top_ids[at : at + len(part)] = pairs[:, :, 0]
+                    top_lps[at : at + len(part)] = pairs[:, :, 1]
+                else:
+                    for j, r in enumerate(part.top):
+                        top_ids[at + j, : len(r[:k])] = [a for a, _ in r[:k]]
+                        top_lps[at + j, : len(r[:k])] = [lp for _, lp in r[:k]]
+            at += len(part)
+        return cls(
+            np.asarray(ids, dtype=np.int32),
+            np.asarray([lp for part in rows for lp in part.logprobs], dtype=np.float32),
+            np.asarray([r for part in rows for r in part.ranks], dtype=np.int32),
+            top_ids,
+            top_lps,
+        )
+
+
+@dataclass(frozen=True)
 class Score:
     """The loglikelihood of one scored text.
 
@@ -63,6 +106,8 @@ class Score:
     #: were left out (the prompt's first word, whose first token has no logprob).
     words: list[WordScore] | None = None
     words_left_out: int = 0
+    #: With `content="arrays"`: the scored tokens as arrays (`tokens` is then empty).
+    arrays: TokenArrays | None = None
 
     def __iter__(self):
         yield self.logprob

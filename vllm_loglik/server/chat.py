@@ -39,7 +39,9 @@ async def score_chat(request: LoglikelihoodChatCompletionRequest, raw_request: R
         return error_json(adapter)
     jobs = work.jobs
     scores, generated = await asyncio.gather(
-        scoring.run(jobs, work.top_logprobs, work.content, adapter, work.corrected_words),
+        scoring.run(
+            jobs, work.top_logprobs, work.content, adapter, work.corrected_words, work.temperature
+        ),
         handler.create_chat_completion(request, raw_request) if max_tokens != 0 else no_generation(),
     )
     entries = as_entries(scores, work.content)

@@ -44,7 +44,9 @@ async def score_completion(request: LoglikelihoodCompletionRequest, raw_request:
             HTTPStatus.BAD_REQUEST,
         )
     scores, generated = await asyncio.gather(
-        scoring.run(jobs, work.top_logprobs, work.content, adapter, work.corrected_words),
+        scoring.run(
+            jobs, work.top_logprobs, work.content, adapter, work.corrected_words, work.temperature
+        ),
         handler.create_completion(request, raw_request) if generate else no_generation(),
     )
     per_prompt, at = [], 0

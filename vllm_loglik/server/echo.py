@@ -2,8 +2,9 @@
 
 Most clients score with `echo: true`, `logprobs: k` and `max_tokens` 0 or 1, one prompt per
 (context, continuation) pair: lm-eval's `local-completions`, OpenCompass, HELM, home-made
-clients. vLLM answers each by computing the whole prompt again, because a request with prompt
-logprobs never reads the prefix cache. With the plugin, such a request (`echo_plan` says which)
+clients. TRL's teacher client sends `prompt_logprobs: k` and `max_tokens: 1` instead, a GRPO
+group's sequences (one prompt, n completions) in one request. vLLM answers each by computing
+the whole prompt again, because a request with prompt logprobs never reads the prefix cache. With the plugin, such a request (`echo_plan` says which)
 is still answered by vLLM's own completion handler, in its own response shape, but the engine
 requests it makes go through `EchoEngineClient`, which computes them like this:
 
@@ -123,16 +124,29 @@ class EchoPlan:
 
 def echo_plan(request: Any, model: str) -> EchoPlan | None:
     """The plan for a `/v1/completions` request that only scores, or None for any other
-    request (which vLLM answers as it always does): `echo` with `logprobs` 0..`MAX_K`,
-    `max_tokens` 0 or 1, one choice, no streaming, no `prompt_logprobs` of its own, no
-    `logprob_token_ids`, no beam search, no stop strings, no prompt embeddings, no KV
-    transfer."""
-    if not request.echo or request.stream or request.use_beam_search:
+    request (which vLLM answers as it always does). Two shapes score:
+
+    * `echo` with `logprobs` 0..`MAX_K` and no `prompt_logprobs` of its own (lm-eval's
+      `local-completions`, HELM, OpenCompass);
+    * `prompt_logprobs` 0..`MAX_K` without `echo` (TRL's `VLLMClient.get_sequence_logprobs`:
+      token-id sequences, `max_tokens: 1`), its `logprobs` (the generated token's), if any,
+      0..`MAX_K` too;
+
+    each with `max_tokens` 0 or 1, one choice, no streaming, no `logprob_token_ids`, no beam
+    search, no stop strings, no prompt embeddings, no KV transfer."""
+    if request.stream or request.use_beam_search:
         return None
-    k = request.logprobs
+    if request.echo:
+        k = request.logprobs
+        if request.prompt_logprobs is not None:
+            return None
+    else:
+        k = request.prompt_logprobs
+        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_K:
+            return None
     if k is None or not 0 <= k <= MAX_K or request.max_tokens not in (0, 1):
         return None
-    if (request.n or 1) != 1 or request.prompt_logprobs is not None:
+    if (request.n or 1) != 1:
         return None
     if request.logprob_token_ids or request.stop or request.prompt_embeds is not None:
         return None

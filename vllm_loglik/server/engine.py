@@ -163,14 +163,16 @@ class ServerScoring:
         self,
         jobs: list[Job],
         top_logprobs: int,
-        content: bool = True,
+        content: bool | str = True,
         lora_request: Any = None,
         words: bool = False,
+        temperature: float = 1.0,
     ) -> list[Score]:
         """Score `jobs`: every span is its own engine request, all in flight at once, under
         `lora_request` (None: the base model). `content=False` computes only each job's totals
-        (the compact response); `words`, that the engine computes word-boundary masses
-        (corrected word probabilities). A request's warm-up runs under its adapter too: vLLM's prefix
+        (the compact response), `"arrays"` those and the tokens' arrays; `words`, that the
+        engine computes word-boundary masses (corrected word probabilities); a `temperature`
+        other than 1, log softmax(logits / T) (checked by the caller). A request's warm-up runs under its adapter too: vLLM's prefix
         cache keys blocks by adapter, so a context is only ever read under the adapter that
         computed it."""
 
@@ -182,7 +184,7 @@ class ServerScoring:
             ]
 
         spans = [span for job in jobs for span in job.spans]
-        return await self._guarded(spans, top_logprobs, lora_request, words, 1.0, finish)
+        return await self._guarded(spans, top_logprobs, lora_request, words, temperature, finish)
 
     async def rows(
         self, spans: list[Span], top_logprobs: int, lora_request: Any = None, temperature: float = 1.0

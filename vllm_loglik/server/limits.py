@@ -7,11 +7,11 @@ shape, with the variable to raise in the message.
 
 | variable | default | what |
 | --- | --- | --- |
-| `VLLM_LOGLIK_MAX_BODY_BYTES` | 33554432 (32 MiB) | bytes of a request body on the two routes (413) |
+| `VLLM_LOGLIK_MAX_BODY_BYTES` | 33554432 (32 MiB) | bytes of a request body on the three routes (413) |
 | `VLLM_LOGLIK_MAX_CONTINUATIONS` | 64 | items of `loglikelihood.continuations` |
 | `VLLM_LOGLIK_MAX_SCORED_TOKENS` | 1048576 | prompt tokens sent to the engine to score one request, over all its prompts, continuations and windows (413) |
 | `VLLM_LOGLIK_MAX_ROLLING_WINDOWS` | 4096 | windows of one rolling prompt |
-| `VLLM_LOGLIK_MAX_TOP_LOGPROBS` | 20 | alternatives per scored token (at most 20, the OpenAI API's limit) |
+| `VLLM_LOGLIK_MAX_TOP_LOGPROBS` | the server's `--max-logprobs` (vLLM's default 20) | alternatives per scored token |
 | `VLLM_LOGLIK_MAX_N` | 128 | `n` of a request that scores and generates (each choice repeats the entries) |
 
 vLLM's own caps apply as well, for example `VLLM_MAX_COMPLETION_PROMPTS` (prompts per request)
@@ -20,11 +20,12 @@ and `VLLM_MAX_N_SEQUENCES`.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
-from ..jobs import MAX_TOP_LOGPROBS, Job
+from ..jobs import Job
 from ..protocol import DEFAULT_MAX_CONTINUATIONS
 from ..requests import RequestError, env_int, max_continuations_from_env
 
@@ -41,7 +42,8 @@ class Limits:
     max_continuations: int = DEFAULT_MAX_CONTINUATIONS
     max_scored_tokens: int = 1 << 20
     max_rolling_windows: int = 4096
-    max_top_logprobs: int = MAX_TOP_LOGPROBS
+    #: None: the engine's `max_logprobs` (`--max-logprobs`) is the only cap.
+    max_top_logprobs: int | None = None
     max_n: int = 128
 
     @classmethod
@@ -54,8 +56,9 @@ class Limits:
             max_rolling_windows=env_int(
                 "VLLM_LOGLIK_MAX_ROLLING_WINDOWS", d.max_rolling_windows, 1
             ),
-            max_top_logprobs=env_int(
-                "VLLM_LOGLIK_MAX_TOP_LOGPROBS", d.max_top_logprobs, 0, MAX_TOP_LOGPROBS
+            max_top_logprobs=(
+                env_int("VLLM_LOGLIK_MAX_TOP_LOGPROBS", 0, 0)
+                if os.environ.get("VLLM_LOGLIK_MAX_TOP_LOGPROBS") else None
             ),
             max_n=env_int("VLLM_LOGLIK_MAX_N", d.max_n, 1),
         )
@@ -68,12 +71,20 @@ class Limits:
                 "n", f"n is {n}; with loglikelihood at most {self.max_n} (VLLM_LOGLIK_MAX_N)"
             )
 
-    def check_top_logprobs(self, k: int, field: str) -> None:
-        if k > self.max_top_logprobs:
+    def check_top_logprobs(self, k: int, field: str, max_logprobs: int) -> None:
+        """`k` within the server's cap: `VLLM_LOGLIK_MAX_TOP_LOGPROBS` where set, and the
+        engine's `max_logprobs` (`--max-logprobs`) always."""
+        if self.max_top_logprobs is not None and k > min(self.max_top_logprobs, max_logprobs):
             raise RequestError(
                 field,
-                f"{field} is {k}; loglikelihood entries allow at most {self.max_top_logprobs} "
-                "(VLLM_LOGLIK_MAX_TOP_LOGPROBS)",
+                f"{field} is {k}; loglikelihood entries allow at most "
+                f"{min(self.max_top_logprobs, max_logprobs)} (VLLM_LOGLIK_MAX_TOP_LOGPROBS)",
+            )
+        if k > max_logprobs:
+            raise RequestError(
+                field,
+                f"{field} is {k}; this server allows at most {max_logprobs} (its "
+                "--max-logprobs; start it with a larger one for more)",
             )
 
     def check_jobs(self, jobs: list[Job], rolling: bool) -> None:

@@ -27,8 +27,9 @@ before that (not JSON, a wrong type) is in vLLM's own `http_requests_total`.
 | `vllm_loglik:echo_shared_tokens_total` | `model` | prompt tokens whose logprobs they read from prefixes that earlier echo prompts computed |
 | `vllm_loglik:fallbacks_total` | `reason` | cached outputs that could not be read, scored again without the cache; scoring requests whose prompt logprobs the engine computes on vLLM's own path (`prompt_logprobs_path`) |
 
+`endpoint` is `completions`, `chat` or `sequence_logprobs` (TRL's route, `teacher.py`);
 `mode` is `prompt` (`loglikelihood: true`, or no scope), `continuations`, `rolling` or
-`last_message`; `outcome` is `200`, `4xx`, `5xx` or `cancelled` (the client left first); `model` is the request's `model` when the
+`last_message` (`sequences` on TRL's route); `outcome` is `200`, `4xx`, `5xx` or `cancelled` (the client left first); `model` is the request's `model` when the
 server serves that name (the base model or an adapter), else `-` (so a client's invented names
 never become labels). `reason` is one of `vllm_loglik.engine_output.UNREADABLE_REASONS`, or
 `prompt_logprobs_path`: a scoring request that the engine computes with vLLM's own prompt
