@@ -69,14 +69,18 @@ from .reliance import Reliance, checked
 logger = logging.getLogger("vllm.loglik.v2_scoring")
 
 #: The vLLM code that scoring on V2's fields relies on: the hit limit of the prefix cache, both
-#: prompt-logprob workers (whose token-id method the word patch wraps), how the output
-#: processor lays out rows before the start, and the containers it returns.
+#: prompt-logprob workers (whose token-id method the word patch wraps, and whose
+#: `compute_prompt_logprobs` the temperature patch wraps) and the chunking that calls the
+#: latter's `logits_fn` on views of the step's hidden states, how the output processor lays out
+#: rows before the start, and the containers it returns.
 RELIES_ON = Reliance(
     "v2_scoring",
     (
         "vllm.v1.request:Request.get_prefix_cache_hit_limit",
         "vllm.v1.worker.gpu.sample.prompt_logprob:PromptLogprobsWorker",
+        "vllm.v1.worker.gpu.sample.prompt_logprob:compute_prompt_logprobs_with_chunking",
         "vllm.v1.worker.cpu.logprob:CPUPromptLogprobsWorker",
+        "vllm.v1.worker.cpu.logprob:compute_prompt_logprobs_with_chunking",
         "vllm.v1.engine.logprobs:LogprobsProcessor._update_prompt_logprobs",
         "vllm.logprobs",
     ),
