@@ -67,11 +67,12 @@ soak-vllm-next: $(STAMP)
 	PYTHONPATH=$(abspath $(NEXT_DIR))/tree VLLM_LOGLIK_EXPECT_VLLM=$(VLLM_NEXT) VLLM_LOGLIK_SOAK=1 \
 		$(PY) -m pytest -q -s tests/test_faults.py
 
-# Every row on the CPU build (V1), then the rows of shared contexts, scoring and echo on vLLM
-# 0.34's Model Runner V2 (its standalone CPU runner; bench/latest-vllm-0.34.0.json).
+# Every row on the CPU build (V1), then the rows of shared contexts, scoring, echo and teacher
+# logprobs on vLLM 0.34's Model Runner V2 (its standalone CPU runner;
+# bench/latest-vllm-0.34.0.json).
 bench: $(STAMP)
 	$(PY) bench/run.py
-	$(PY) bench/run.py --vllm 0.34.0 --only server,multiple_choice,offline_multiple_choice,echo
+	$(PY) bench/run.py --vllm 0.34.0 --only server,multiple_choice,offline_multiple_choice,echo,teacher
 
 clean:
 	rm -rf $(VENV) build *.egg-info .cache/vllm-* $(TRL_ROUTE_CLIENT)

@@ -234,6 +234,9 @@ def main() -> None:
         lo = results["lm_eval_offline"]
         if max(lo[f"{task}_max_abs_diff"] for task in lm_eval_rows.OFFLINE_TASKS) > 1e-4:
             sys.exit("FAIL: vllm-loglik-offline disagrees with lm-eval's vllm model")
+    if dtype == "float32" and "teacher" in only:
+        if max(results["teacher"][shape]["max_abs_diff"] for shape in teacher_rows.SHAPES) > 1e-4:
+            sys.exit("FAIL: teacher logprobs disagree with plain vLLM's prompt_logprobs")
     if dtype == "float32" and "echo" in only:
         if max(results["echo"][f"{task}_max_abs_diff"] for task in echo_rows.TASKS) > 1e-4:
             sys.exit("FAIL: local-completions gets other numbers from the plugin's server")

@@ -184,6 +184,10 @@ def span_logprobs(
         rows = _from_dicts(prompt_logprobs, ids, span.start, offset, top_logprobs)
     if rows is not None and words and masses is not None:
         rows.starts, rows.ends = _from_masses(masses, len(rows))
+    if rows is not None and any(lp != lp for lp in rows.logprobs):
+        # NaN: the engine's patch could not compute what the request asked for (a temperature,
+        # `vllm_loglik.v2_scoring`); never a number passed on.
+        raise EngineOutputError("the engine returned NaN prompt logprobs")
     return rows
 
 

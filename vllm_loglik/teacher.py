@@ -35,7 +35,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .engine_output import EngineOutputError, ScoredRows
+from .engine_output import ScoredRows
+from .scoring import TokenArrays
 from .spans import Span, excerpt
 
 #: TRL's default number of top logprobs per position (more than vLLM's default cap of 20:
@@ -132,9 +133,7 @@ class SequenceLogprobs:
         rows: Sequence[ScoredRows | None],
         top_logprobs: int,
     ) -> SequenceLogprobs:
-        """The arrays from the engine's rows of each sequence's span (`sequence_spans`). A
-        NaN logprob is an `EngineOutputError` (the engine could not compute the distribution
-        asked for: `vllm_loglik.v2_scoring`), never a number passed on."""
+        """The arrays from the engine's rows of each sequence's span (`sequence_spans`)."""
         import numpy as np
 
         lengths = [len(s) - p for s, p in zip(sequences, prompt_lengths, strict=True)]
@@ -147,25 +146,11 @@ class SequenceLogprobs:
         for i, (span, row) in enumerate(zip(spans, rows, strict=True)):
             if span is None or row is None:
                 continue
+            a = TokenArrays.of([span], [row], k)
             first = span.start - prompt_lengths[i]  # 1 with prompt length 0, else 0
-            n = len(row)
-            at = slice(first, first + n)
-            values = np.asarray(row.logprobs, dtype=np.float32)
-            if np.isnan(values).any():
-                raise EngineOutputError("the engine returned NaN logprobs for a sequence")
-            actual[i, at] = values
-            actual_ids[i, at] = span.scored_token_ids
-            ranks[i, at] = row.ranks
-            if k and row.top is not None:
-                widths = {len(r) for r in row.top}
-                if widths == {k}:
-                    pairs = np.asarray(row.top, dtype=np.float64)  # [n, k, 2]
-                    token_ids[i, at] = pairs[:, :, 0].astype(np.int32)
-                    logprobs[i, at] = pairs[:, :, 1].astype(np.float32)
-                else:  # fewer alternatives than asked at some row (a tiny vocabulary)
-                    for j, r in enumerate(row.top):
-                        token_ids[i, first + j, : len(r)] = [a for a, _ in r]
-                        logprobs[i, first + j, : len(r)] = [lp for _, lp in r]
+            at = slice(first, first + len(row))
+            actual[i, at], actual_ids[i, at], ranks[i, at] = a.logprobs, a.token_ids, a.ranks
+            logprobs[i, at], token_ids[i, at] = a.top_logprobs, a.top_token_ids
         return cls(logprobs, token_ids, actual, actual_ids, ranks, lengths)
 
 
