@@ -390,3 +390,54 @@ def test_batch_engine_loop_writes_arrays(llm, ref):
         check_entry_arrays(ref, prompt, cont, decode_arrays(entry), 1.0, 3)
     assert bad["error"]["param"] == "loglikelihood.top_logprobs"
     assert "max_logprobs" in bad["error"]["message"]
+
+
+def test_v2_wrapper_keeps_vllms_rows_scales_and_skips_the_rest():
+    """`v2_scoring._kept_rows` selects the rows that V2's `compute_prompt_logprobs` keeps, and
+    `_Scaled` computes the LM head over those only, divided by a request's temperature: on a
+    hand-made step of three requests (one without prompt logprobs, one chunked, one from a
+    `prompt_logprob_start` past a cached context)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from vllm_loglik import v2_scoring
+
+    # Request 0: 5 rows, no prompt logprobs. Request 1: a prompt of 10, 4 computed, 6 scheduled
+    # (its last chunk), start 2. Request 2: a prompt of 20, 0 computed, 8 scheduled (chunked),
+    # start 5.
+    worker = SimpleNamespace(
+        uses_prompt_logprobs=np.array([False, True, True]),
+        prompt_logprob_start=np.array([0, 2, 5], dtype=np.int32),
+    )
+    batch = SimpleNamespace(
+        idx_mapping_np=np.array([0, 1, 2]), req_ids=["a", "b", "c"], num_tokens=19,
+        num_computed_prefill_tokens_np=np.array([0, 4, 0]),
+        num_scheduled_tokens=np.array([5, 6, 8]), prefill_len_np=np.array([5, 10, 20]),
+        query_start_loc_np=np.array([0, 5, 11, 19]),
+    )  # fmt: skip
+    kept = v2_scoring._kept_rows(worker, batch, np.array([6, 10, 20]))
+    want = np.zeros(19, dtype=bool)
+    want[5:10] = True  # b: rows 4..8 of its prompt (the last, row 9, predicts the first output)
+    want[16:19] = True  # c: from its start (5) on, all of the chunk
+    assert (kept == want).all()
+
+    weight = torch.randn(7, 3)
+    calls = []
+
+    def logits_fn(h):
+        calls.append(h.shape[0])
+        return h @ weight.T
+
+    hidden = torch.randn(24, 3)
+    step = hidden[:19]
+    rows = v2_scoring._temperature_rows({"c": 0.5}, batch)
+    scaled = v2_scoring._Scaled(logits_fn, hidden, rows, kept)
+    out = torch.cat([scaled(step[a : a + 8]) for a in range(0, 19, 8)])
+    full = step @ weight.T
+    assert torch.allclose(out[5:10], full[5:10])
+    assert torch.allclose(out[16:19], full[16:19] / 0.5)
+    assert (out[~torch.as_tensor(want)] == 0).all()
+    assert sum(calls) == want.sum() and not scaled.lost
+    scaled(step[3:9].clone())  # not a view of the step: computed whole
+    assert scaled.lost

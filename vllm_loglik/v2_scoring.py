@@ -43,6 +43,13 @@ known from its offset). Every other row is vLLM's own. A chunk that is not such 
 temperature requests' rows NaN, which `vllm_loglik.engine_output` refuses: never a raw logprob
 passed off as one at T.
 
+The same wrapper spares the work that vLLM's method throws away, in a step that holds a marked
+request: it computes the LM head over every row of the step and then keeps, per request that
+wants prompt logprobs, the rows from its `prompt_logprob_start` on (`_kept_rows`). A warm-up's
+whole context in the same step, or a cached context's rows before the start, cost a
+[rows, vocabulary] product each for nothing; those rows are left at 0 instead (their results
+are never read). `VLLM_LOGLIK_V2_SKIP_DROPPED_ROWS=0` turns this off.
+
 Where this applies: the engine runs V2 (`use_v2_model_runner`, or a vLLM without V1), and the
 vLLM code in `RELIES_ON` is that of a version it was verified on (`vllm_loglik.reliance`).
 vLLM 0.32 and 0.33's V2 (a GPU's) lack the hit limit and, with `prompt_logprobs`, the start;
@@ -94,6 +101,9 @@ WORKERS = (
     ("vllm.v1.worker.gpu.sample.prompt_logprob", "PromptLogprobsWorker"),
     ("vllm.v1.worker.cpu.logprob", "CPUPromptLogprobsWorker"),
 )
+#: Set to 0 to let vLLM compute the LM head over the rows it drops, in steps that hold this
+#: package's requests (`_kept_rows`).
+SKIP_ENV = "VLLM_LOGLIK_V2_SKIP_DROPPED_ROWS"
 #: Rows of logits computed at once for the masses (as vLLM's own `CHUNK_SIZE`).
 CHUNK_ROWS = 1024
 
@@ -184,23 +194,35 @@ def _wrap(worker: type) -> None:
             temps[req_id] = t
         else:
             temps.pop(req_id, None)
+        marked = self.__dict__.setdefault("_vllm_loglik_marked", set())
+        if extra.get(MARK):
+            marked.add(req_id)
+        else:
+            marked.discard(req_id)
 
     def remove_request(self: Any, req_id: str) -> None:  # finished or aborted
         original_remove(self, req_id)
         self.__dict__.get("_vllm_loglik_words", {}).pop(req_id, None)
         self.__dict__.get("_vllm_loglik_temps", {}).pop(req_id, None)
+        self.__dict__.get("_vllm_loglik_marked", set()).discard(req_id)
 
     def compute_prompt_logprobs(
-        self: Any, logits_fn: Any, hidden_states: Any, input_batch: Any, *args: Any, **kwargs: Any
-    ) -> dict[str, Any]:
+        self: Any, logits_fn: Any, hidden_states: Any, input_batch: Any, all_token_ids: Any,
+        num_computed_tokens: Any, prompt_lens: Any,
+    ) -> dict[str, Any]:  # fmt: skip
+        args = (all_token_ids, num_computed_tokens, prompt_lens)
+        marked = self.__dict__.get("_vllm_loglik_marked")
+        if not marked or not any(r in marked for r in input_batch.req_ids):
+            return original_logprobs(self, logits_fn, hidden_states, input_batch, *args)
         temps = self.__dict__.get("_vllm_loglik_temps")
-        rows = _temperature_rows(temps, input_batch) if temps else None
-        if not rows:
-            return original_logprobs(self, logits_fn, hidden_states, input_batch, *args, **kwargs)
+        rows = _temperature_rows(temps, input_batch) if temps else {}
+        kept = None if switched_off(SKIP_ENV) else _kept_rows(self, input_batch, prompt_lens)
+        if not rows and kept is None:
+            return original_logprobs(self, logits_fn, hidden_states, input_batch, *args)
         global _temperature_lost
-        scaled = _Scaled(logits_fn, hidden_states, rows)
-        out = original_logprobs(self, scaled, hidden_states, input_batch, *args, **kwargs)
-        if scaled.lost and not _temperature_lost:
+        scaled = _Scaled(logits_fn, hidden_states, rows, kept)
+        out = original_logprobs(self, scaled, hidden_states, input_batch, *args)
+        if scaled.lost and rows and not _temperature_lost:
             logger.warning("vllm-loglik: prompt logprobs at a temperature cannot be computed here")
             _temperature_lost = True
         if _temperature_lost:  # from then on (a prompt's earlier chunks too): no raw logprob
@@ -254,27 +276,56 @@ def _temperature_rows(temps: dict[str, float], input_batch: Any) -> dict[str, tu
     return rows
 
 
+def _kept_rows(worker: Any, input_batch: Any, prompt_lens: Any) -> Any:
+    """The rows of the step whose prompt logprobs vLLM's `compute_prompt_logprobs` keeps, as a
+    bool array over the step's tokens (None when it keeps them all): its own selection, of the
+    requests that want prompt logprobs in this step, from `prompt_logprob_start` on, less the
+    last prompt row where the prompt ends in this step. It computes every other row too, and
+    drops them: the LM head over a warm-up's whole context, or over a cached context's rows
+    before the start."""
+    import numpy as np
+
+    idx = input_batch.idx_mapping_np
+    lens = prompt_lens[idx]
+    computed = input_batch.num_computed_prefill_tokens_np
+    needs = worker.uses_prompt_logprobs[idx] & (computed < lens) & ~(lens < input_batch.prefill_len_np)
+    chunked = computed + input_batch.num_scheduled_tokens < lens
+    start = worker.prompt_logprob_start[idx]
+    loc = input_batch.query_start_loc_np
+    kept = np.zeros(int(input_batch.num_tokens), dtype=bool)
+    for i in np.flatnonzero(needs):
+        a = int(loc[i]) + max(int(start[i]) - int(computed[i]), 0)
+        b = int(loc[i + 1]) - (0 if chunked[i] else 1)
+        kept[a:b] = True
+    return None if kept.all() else kept
+
+
 class _Scaled:
-    """vLLM's `logits_fn`, with the rows of temperature requests divided by their T (float32).
+    """vLLM's `logits_fn` for a step that holds this package's requests: the rows of a request
+    with a temperature divided by its T (float32), and the rows that vLLM drops (`_kept_rows`)
+    left at 0 instead of computed (their results are thrown away unread).
 
     vLLM calls it on slices of the step's hidden states (`compute_prompt_logprobs_with_chunking`
     takes `hidden_states[:num_tokens]` in chunks of rows): a slice's first row is its offset
-    from the hidden states' storage. A chunk that is no such slice is computed unscaled, and
-    `lost` says so."""
+    from the hidden states' storage. A chunk that is no such slice is computed whole and
+    unscaled, and `lost` says so."""
 
-    def __init__(self, logits_fn: Any, hidden_states: Any, rows: dict[str, tuple[int, int, float]]):
+    def __init__(self, logits_fn: Any, hidden_states: Any, rows: dict[str, tuple[int, int, float]],
+                 kept: Any = None):  # fmt: skip
         import torch
 
         self.logits_fn = logits_fn
         self.base = hidden_states
         self.lost = False
-        scale = torch.ones(hidden_states.shape[0], dtype=torch.float32, device=hidden_states.device)
-        for start, end, t in rows.values():
-            scale[start:end] = 1.0 / t
-        self.scale = scale
+        self.scale = None
+        if rows:
+            scale = torch.ones(hidden_states.shape[0], dtype=torch.float32, device=hidden_states.device)
+            for start, end, t in rows.values():
+                scale[start:end] = 1.0 / t
+            self.scale = scale
+        self.kept = kept
 
     def __call__(self, hidden: Any) -> Any:
-        logits = self.logits_fn(hidden)
         base = self.base
         row_bytes = base.stride(0) * base.element_size()
         delta = hidden.data_ptr() - base.data_ptr()
@@ -284,8 +335,24 @@ class _Scaled:
             or not 0 <= delta // row_bytes <= base.shape[0] - n
         ):  # fmt: skip
             self.lost = True
-            return logits
+            return self.logits_fn(hidden)
         first = delta // row_bytes
+        kept = None if self.kept is None else self.kept[first : first + n]
+        if kept is None or kept.all():
+            logits = self.logits_fn(hidden)
+        else:
+            import numpy as np
+            import torch
+
+            at = torch.as_tensor(np.flatnonzero(kept), device=hidden.device)
+            part = self.logits_fn(hidden.index_select(0, at)) if len(at) else None
+            width = part.shape[-1] if part is not None else self.logits_fn(hidden[:1]).shape[-1]
+            dtype = part.dtype if part is not None else torch.float32
+            logits = torch.zeros((n, width), dtype=dtype, device=hidden.device)
+            if part is not None:
+                logits.index_copy_(0, at, part)
+        if self.scale is None:
+            return logits
         return logits.float() * self.scale[first : first + n, None]
 
 
