@@ -16,7 +16,8 @@ Against it, on the plugin's server with the same settings:
 18. a long shared prompt: 16 prompts of 1,000 tokens, 8 completions of 250 each (plain vLLM
     computes 10,000 positions per group, the floor is 3,000): goal at least 3x;
 19. long completions: 16 prompts of 200 tokens, 8 completions of 1,000 each: no slower than
-    plain vLLM, and the binary answer at least 10x smaller than plain vLLM's JSON;
+    plain vLLM, and the binary answer at least 10x smaller than plain vLLM's JSON (bytes on the wire: our
+    route gzips a long answer for a client that accepts it, as httpx and TRL's client do);
 20. TRL 1.16's own body on the plugin's server, on both shapes.
 
 Every side is warmed up on the same two other groups, then timed once (the baseline takes
@@ -68,10 +69,12 @@ def bodies(kind: str, grouped: list[list[list[int]]], plen: int) -> list[tuple[s
     ]  # fmt: skip
 
 
-async def run(url: str, requests: list[tuple[str, dict]], clients: int) -> tuple[float, list[bytes]]:
+async def run(url: str, requests: list[tuple[str, dict]], clients: int) -> tuple[float, list[bytes], int]:
+    """Wall time, the answers, and the bytes they took on the wire."""
     import httpx
 
     results: list[bytes] = [b""] * len(requests)
+    wire: list[int] = [0] * len(requests)
     queue = list(enumerate(requests))
 
     async def worker(client: httpx.AsyncClient) -> None:
@@ -81,11 +84,12 @@ async def run(url: str, requests: list[tuple[str, dict]], clients: int) -> tuple
             if r.status_code != 200:
                 raise RuntimeError(f"{r.status_code}: {r.text[:500]}")
             results[i] = r.content
+            wire[i] = r.num_bytes_downloaded  # as sent: gzipped where the server gzips
 
-    async with httpx.AsyncClient(timeout=3600) as client:
+    async with httpx.AsyncClient(timeout=3600) as client:  # accepts gzip, as TRL's client does
         start = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(clients)))
-        return time.perf_counter() - start, results
+        return time.perf_counter() - start, results, sum(wire)
 
 
 def actual_logprobs(kind: str, raw: list[bytes], grouped, plen: int) -> list[list[float]]:
@@ -143,9 +147,9 @@ def teacher_rows(model: str, dtype: str, size: Size) -> dict:
 
                     httpx.post(server.url + "/reset_prefix_cache", timeout=60).raise_for_status()
                     # One run: the baseline takes minutes, long enough to average out the noise.
-                    t, raw = asyncio.run(run(server.url, bodies(kind, grouped, plen), size.clients))
+                    t, raw, wire = asyncio.run(run(server.url, bodies(kind, grouped, plen), size.clients))
                     out[name][f"{kind}_seconds"] = t
-                    out[name][f"{kind}_bytes"] = sum(len(b) for b in raw)
+                    out[name][f"{kind}_bytes"] = wire
                     answers[name][kind] = actual_logprobs(kind, raw, grouped, plen)
     for name in shapes:
         plain = answers[name]["plain"]

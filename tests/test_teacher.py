@@ -441,3 +441,21 @@ def test_v2_wrapper_keeps_vllms_rows_scales_and_skips_the_rest():
     assert sum(calls) == want.sum() and not scaled.lost
     scaled(step[3:9].clone())  # not a view of the step: computed whole
     assert scaled.lost
+
+
+def test_a_long_answer_is_gzipped_for_a_client_that_accepts_it(teacher_server, ref):
+    """The binary answer of 8 sequences × 60 rows × 100 alternatives (about 640 KB) travels
+    gzipped to a client that accepts gzip (httpx, and TRL's `requests`), as it is to one that
+    does not; both decode to the same arrays."""
+    rng = np.random.default_rng(8)
+    prompt = rng.integers(3, 500, 8).tolist()
+    seqs = [prompt + rng.integers(3, 500, 60).tolist() for _ in range(8)]
+    body = {"sequences": seqs, "prompt_lengths": [8] * 8, "top_logprobs": 100,
+            "response_format": "binary"}  # fmt: skip
+    zipped = post(teacher_server, body, headers={"Accept-Encoding": "gzip"})
+    plain = post(teacher_server, body, headers={"Accept-Encoding": "identity"})
+    assert zipped.status_code == plain.status_code == 200, zipped.text
+    assert zipped.headers["content-encoding"] == "gzip" and "content-encoding" not in plain.headers
+    assert zipped.num_bytes_downloaded < 0.75 * plain.num_bytes_downloaded
+    a, b = decode_binary(zipped.json()), decode_binary(plain.json())
+    assert (a["token_ids"] == b["token_ids"]).all() and np.allclose(a["logprobs"], b["logprobs"])
