@@ -1,9 +1,11 @@
 """Rows 1, 2, 4, 5, 6 and 16: the server against vLLM's native path and plain prefill.
 
-1. the `loglikelihood` field against vLLM's native `prompt_logprobs=0`, same server;
+1. the `loglikelihood` field against vLLM's native `prompt_logprobs=0`, same server (prefix
+   caching off, so echo acceleration, which would answer the native requests too, is off);
 2. the `loglikelihood` field against plain prefill (`max_tokens=1`, no logprobs);
 4. multiple choice: one request per question (4 continuations) against each (context,
-   continuation) as its own native prompt-logprobs request, as lm-eval's vLLM backend does;
+   continuation) as its own native prompt-logprobs request, as lm-eval's vLLM backend does, to
+   a plain vLLM server;
 5. memory: peak RSS of the server's process tree while scoring one 8,000-token prompt with
    `top_logprobs=5`, against plain prefill of the same prompt;
 6. front-end: the API-server process's own CPU time per scored position (psutil; the engine
@@ -81,10 +83,9 @@ def words_row(model: str, dtype: str, size: Size) -> dict:
 
 
 def multiple_choice(model: str, dtype: str, size: Size) -> dict:
-    """Row 4: ours at each block size, then the native baseline once; each server has prefix
-    caching on, as vLLM's default. Ours runs first on a fresh server, after a warm-up on other
-    contexts: the native requests store their prompts' blocks in the prefix cache too, which
-    would spare ours the contexts."""
+    """Row 4: the native baseline once, on a plain vLLM server, then ours at each block size,
+    each on a fresh server with the plugin (so that no prefix cache is shared), after a warm-up
+    on other contexts; every server has prefix caching on, as vLLM's default."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model)
@@ -103,14 +104,17 @@ def multiple_choice(model: str, dtype: str, size: Size) -> dict:
     ]
     result: dict = {"ours": {}}
     worst = 0.0
+    # The baseline on plain vLLM (no plugin: on the plugin's server echo acceleration would
+    # answer these `prompt_logprobs` requests too), alone. One run: it takes minutes, long
+    # enough to average out the noise.
+    with serve(model, dtype, size.context_len + 64, True, 8302, RESERVED, size.block_sizes[0],
+               plugin=False) as server:  # fmt: skip
+        native_out = timed(server, native, size, repeats=1, warm_up=[])
+        result["native"] = native_out.wall
     for block_size in size.block_sizes:
         with serve(model, dtype, size.context_len + 64, True, 8302, RESERVED, block_size) as server:
             ours_out = timed(server, ours, size, repeats=1, warm_up=warm_up)
             result["ours"][str(block_size)] = ours_out.wall
-            if block_size == size.block_sizes[0]:
-                # One run: the baseline takes minutes, long enough to average out the noise.
-                native_out = timed(server, native, size, repeats=1, warm_up=[])
-                result["native"] = native_out.wall
         # The two paths must give the same numbers.
         for q, response in enumerate(ours_out.responses):
             for j, entry in enumerate(response["choices"][0]["loglikelihood"]):
