@@ -168,27 +168,35 @@ async def sequence_logprobs(request: SequenceLogprobsRequest, raw_request: Reque
             return error_json(adapter)
     scored = [s for s in spans if s is not None]
     rows = iter(await scoring.rows(scored, request.top_logprobs, adapter, temperature))
+    per_sequence = [next(rows) if s is not None else None for s in spans]
+    accepts_gzip = "gzip" in raw_request.headers.get("accept-encoding", "").lower()
+    # Tens of MB for a large batch: laid out, encoded and compressed off the event loop.
+    return await asyncio.to_thread(answer, request, spans, per_sequence, accepts_gzip)
+
+
+def answer(
+    request: SequenceLogprobsRequest, spans: list[Any], rows: list[Any], accepts_gzip: bool
+) -> Response:
+    """The response: the arrays, in the request's `response_format`, gzipped where it pays."""
     result = SequenceLogprobs.from_rows(
-        request.sequences, request.prompt_lengths, spans,
-        [next(rows) if s is not None else None for s in spans], request.top_logprobs,
-    )  # fmt: skip
+        request.sequences, request.prompt_lengths, spans, rows, request.top_logprobs
+    )
     body = binary_body(result) if request.response_format == "binary" else json_body(result)
-    return compressed(msgspec.json.encode(body), raw_request)
+    return compressed(msgspec.json.encode(body), accepts_gzip)
 
 
 #: Answers shorter than this are sent as they are.
 GZIP_MIN_BYTES = 1 << 16
 
 
-def compressed(data: bytes, raw_request: Request) -> Response:
-    """The answer, gzipped (level 1: about 100 MB/s here) where the client accepts it and it is
+def compressed(data: bytes, accepts_gzip: bool) -> Response:
+    """The answer, gzipped at level 1 (the fastest) where the client accepts it and it is
     long: TRL's client (`requests`) and httpx ask for gzip and decode it themselves. Base64 of
-    float32 logprobs and int32 token ids holds about 5 bits of entropy per 8, so the binary
-    answer travels at about half its size."""
+    float32 logprobs and int32 token ids holds about 5 bits of entropy per 8: the binary answer
+    of bench row 19 travels at 14.9 MiB instead of 27.3 MiB."""
     import gzip
 
-    accepts = raw_request.headers.get("accept-encoding", "")
-    if len(data) < GZIP_MIN_BYTES or "gzip" not in accepts.lower():
+    if len(data) < GZIP_MIN_BYTES or not accepts_gzip:
         return Response(data, media_type="application/json")
     return Response(
         gzip.compress(data, compresslevel=1), media_type="application/json",
