@@ -476,9 +476,14 @@ def test_requests_without_the_field_are_stock(server, stock_server):
 
 
 def test_openapi_of_other_routes_is_unchanged(server, stock_server):
+    """vLLM's routes are documented as without the plugin, but for the field on the two it
+    replaces; the one route it adds, TRL's `/get_sequence_logprobs/`, documents its body."""
     ours = httpx.get(server.url + "/openapi.json").json()
     stock = httpx.get(stock_server.url + "/openapi.json").json()
-    assert set(ours["paths"]) == set(stock["paths"])
+    assert set(ours["paths"]) == set(stock["paths"]) | {"/get_sequence_logprobs/"}
+    teacher = ours["paths"]["/get_sequence_logprobs/"]["post"]
+    schema = teacher["requestBody"]["content"]["application/json"]["schema"]
+    assert {"sequences", "prompt_lengths", "top_logprobs", "temperature"} <= set(schema["properties"])
     for path, spec in stock["paths"].items():
         if path not in ("/v1/completions", "/v1/chat/completions"):
             assert ours["paths"][path] == spec, path
