@@ -128,7 +128,7 @@ def install() -> None:
     def _get_prompt_logprobs_dict(self: Any, hidden_states: Any, num_scheduled_tokens: Any):
         ours = _our_requests(self) if not _broken else {}
         if not ours:
-            return original(self, hidden_states, num_scheduled_tokens)
+            return _unscaled(self, original(self, hidden_states, num_scheduled_tokens))
         everyone = self.num_prompt_logprobs
         self.num_prompt_logprobs = {r: k for r, k in everyone.items() if r not in ours}
         try:
@@ -152,10 +152,22 @@ def install() -> None:
                 for req_id in ours:
                     if req_id not in left:
                         everyone.pop(req_id, None)
-        return result
+        return _unscaled(self, result)
 
     _get_prompt_logprobs_dict.__wrapped__ = original  # type: ignore[attr-defined]
     GPUModelRunner._get_prompt_logprobs_dict = _get_prompt_logprobs_dict
+
+
+def _unscaled(runner: Any, result: dict[str, Any]) -> dict[str, Any]:
+    """`result`, where the patch has stopped (`_broken`): the rows of a request that asked for a
+    temperature came from vLLM's own path, raw, so they are NaN, which `engine_output` refuses;
+    never a raw logprob passed off as one at T."""
+    if _broken:
+        for req_id, tensors in result.items():
+            state = runner.requests.get(req_id)
+            if temperature_of(getattr(state, "sampling_params", None)) is not None:
+                tensors.logprobs.fill_(float("nan"))
+    return result
 
 
 def _our_requests(runner: Any) -> dict[str, int]:
