@@ -35,7 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from .engine_requests import corrected_words_problem, lora_mixing_unsafe, score_spans
+from .engine_requests import (
+    corrected_words_problem,
+    engine_max_logprobs,
+    lora_mixing_unsafe,
+    score_spans,
+)
 from .adapters import Adapters
 from . import openai_batch
 from .engine_stream import DEFAULT_BUDGET_TOKENS, EngineStream
@@ -389,8 +394,7 @@ def run_engine(
         llm.llm_engine.vllm_config, "loglikelihood.word_probability"
     )
     config = llm.llm_engine.vllm_config
-    max_logprobs = config.model_config.max_logprobs
-    max_logprobs = config.model_config.get_vocab_size() if max_logprobs == -1 else max_logprobs
+    max_logprobs = engine_max_logprobs(config.model_config)
     runner = runner_of(config)
 
     # Where the engine's LoRA kernels mix base-model and adapter requests up (vLLM's CPU
@@ -466,12 +470,9 @@ def engine_problem(work: Work, max_logprobs: int, runner: Any) -> dict[str, Any]
             f"{max_logprobs} (its max_logprobs; --max-logprobs)",
             "param": "loglikelihood.top_logprobs",
         }
-    if work.temperature != 1 and runner.temperature_problem is not None:
-        return {
-            "message": "loglikelihood.temperature other than 1 needs this package's engine "
-            f"patch, which is off here ({runner.temperature_problem})",
-            "param": "loglikelihood.temperature",
-        }
+    refusal = runner.temperature_refusal(work.temperature, "loglikelihood.temperature")
+    if refusal is not None:
+        return {"message": refusal, "param": "loglikelihood.temperature"}
     return None
 
 

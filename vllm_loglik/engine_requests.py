@@ -138,6 +138,13 @@ def lora_scoring_problem(vllm_config: Any) -> str | None:
     )
 
 
+def engine_max_logprobs(model_config: Any) -> int:
+    """The engine's cap on logprobs per position (`max_logprobs`, `--max-logprobs`; vLLM's -1
+    is the vocabulary's size)."""
+    cap = model_config.max_logprobs
+    return model_config.get_vocab_size() if cap == -1 else cap
+
+
 def shared_prefix(spans: Sequence[Span], block_size: int | None) -> list[int] | None:
     """The prefix worth caching for `spans`, or None: their common prefix, cut one token before
     the first scored position, if it fills at least one KV block (`block_size`; None when the

@@ -32,6 +32,7 @@ from typing import Any
 from .engine_requests import (
     EngineRequest,
     corrected_words_problem,
+    engine_max_logprobs,
     fast_paths,
     lora_scoring_problem,
     prefix_block_size,
@@ -109,18 +110,15 @@ def run_jobs(
     other than 1, of log softmax(logits / T); with `arrays`, each score's tokens as arrays
     (`Score.arrays`) instead of objects."""
     config = llm.llm_engine.vllm_config
-    top_logprobs = check_top_logprobs(top_logprobs, cap=engine_max_logprobs(config))
+    top_logprobs = check_top_logprobs(top_logprobs, cap=engine_max_logprobs(config.model_config))
     temperature = check_temperature(temperature)
     problem = lora_scoring_problem(config)
     if problem is not None:
         raise ValueError(problem)
+    refusal = runner_of(config).temperature_refusal(temperature)
+    if refusal is not None:
+        raise ValueError(refusal)
     if temperature != 1:
-        problem = runner_of(config).temperature_problem
-        if problem is not None:
-            raise ValueError(
-                f"temperature {temperature} needs this package's engine patch, which is off "
-                f"here ({problem}); vLLM's own prompt logprobs ignore it"
-            )
         if words is not False and words is not None:
             raise ValueError("temperature cannot be combined with words: word scores are of the "
                              "model's own distribution")  # fmt: skip
@@ -148,12 +146,6 @@ def run_jobs(
         scorer.finish(job, [next(scored) for _ in job.spans], top_logprobs, content)
         for job in jobs
     ]
-
-
-def engine_max_logprobs(config: Any) -> int:
-    """The engine's cap on logprobs per position (`max_logprobs`; -1 is the vocabulary)."""
-    cap = config.model_config.max_logprobs
-    return config.model_config.get_vocab_size() if cap == -1 else cap
 
 
 def run_spans(
@@ -216,14 +208,11 @@ def sequence_logprobs(
     problem = lora_scoring_problem(config)
     if problem is not None:
         raise ValueError(problem)
-    top_logprobs = check_top_logprobs(top_logprobs, cap=engine_max_logprobs(config))
+    top_logprobs = check_top_logprobs(top_logprobs, cap=engine_max_logprobs(config.model_config))
     temperature = check_temperature(temperature)
-    runner = runner_of(config)
-    if temperature != 1 and runner.temperature_problem is not None:
-        raise ValueError(
-            f"temperature {temperature} needs this package's engine patch, which is off here "
-            f"({runner.temperature_problem}); vLLM's own prompt logprobs ignore it"
-        )
+    refusal = runner_of(config).temperature_refusal(temperature)
+    if refusal is not None:
+        raise ValueError(refusal)
     scorer = scorer_for(llm)
     spans = sequence_spans(
         sequences, prompt_lengths, scorer.tokens.check_ids, scorer.max_prompt_len,

@@ -81,6 +81,16 @@ class Runner:
             **fields,
         )
 
+    def temperature_refusal(self, temperature: float, field: str = "temperature") -> str | None:
+        """Why a request for prompt logprobs at `temperature` (named `field`) cannot be scored
+        on this runner, or None: a temperature other than 1 needs its patch."""
+        if temperature == 1 or self.temperature_problem is None:
+            return None
+        return (
+            f"{field} other than 1 needs this package's engine patch, which is off here "
+            f"({self.temperature_problem}); vLLM's own prompt logprobs ignore it"
+        )
+
     def with_start(self, params: Any, start: int) -> Any:
         """`params` that score the prompt from position `start` on, on a runner with V2's
         scoring fields (which then reads the prefix cache up to there); as they are elsewhere."""

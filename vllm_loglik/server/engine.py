@@ -19,6 +19,7 @@ from ..engine_requests import (
     ProtocolStats,
     cache_reads_problem,
     corrected_words_problem,
+    engine_max_logprobs,
     fast_paths,
     last_output,
     lora_mixing_unsafe,
@@ -70,10 +71,7 @@ class ServerScoring:
         )
         self.limits = Limits.from_env()
         #: The engine's cap on prompt logprobs per position (-1 in vLLM: the vocabulary's size).
-        max_logprobs = engine_client.model_config.max_logprobs
-        self.max_logprobs = (
-            engine_client.model_config.get_vocab_size() if max_logprobs == -1 else max_logprobs
-        )
+        self.max_logprobs = engine_max_logprobs(engine_client.model_config)
         #: How this package scores on the engine's model runner (`vllm_loglik.runners`).
         self.runner = runner_of(engine_client.vllm_config)
         self.block_size = prefix_block_size(engine_client.vllm_config)

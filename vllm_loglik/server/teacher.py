@@ -124,12 +124,9 @@ def check(request: SequenceLogprobsRequest, scoring: ServerScoring) -> tuple[lis
         temperature = check_temperature(request.temperature)
     except ValueError as e:
         raise RequestError("temperature", str(e)) from None
-    if temperature != 1 and scoring.runner.temperature_problem is not None:
-        raise RequestError(
-            "temperature",
-            "temperature other than 1 needs this package's engine patch, which is off here "
-            f"({scoring.runner.temperature_problem}); vLLM's own prompt logprobs ignore it",
-        )
+    refusal = scoring.runner.temperature_refusal(temperature)
+    if refusal is not None:
+        raise RequestError("temperature", refusal)
     scorer = scoring.scorer
     try:
         spans = sequence_spans(

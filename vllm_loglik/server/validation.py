@@ -42,13 +42,9 @@ def check_translation(scoring: ServerScoring, work: Translation) -> None:
     prompt logprobs per position than the alternatives asked for)."""
     scoring.limits.check_top_logprobs(work.top_logprobs, work.top_logprobs_field, scoring.max_logprobs)
     scoring.limits.check_jobs(work.jobs, work.rolling)
-    if work.temperature != 1 and scoring.runner.temperature_problem is not None:
-        raise RequestError(
-            "loglikelihood.temperature",
-            "loglikelihood.temperature other than 1 needs this package's engine patch, which is "
-            f"off here ({scoring.runner.temperature_problem}); vLLM's own prompt logprobs "
-            "ignore it",
-        )
+    refusal = scoring.runner.temperature_refusal(work.temperature, "loglikelihood.temperature")
+    if refusal is not None:
+        raise RequestError("loglikelihood.temperature", refusal)
     if not work.corrected_words:
         return
     if scoring.words_problem is not None:
