@@ -31,15 +31,19 @@ os.environ.setdefault("VLLM_LOGLIK_TARGET_LOGPROBS_TRACE", str(TRACE))
 SOAK = os.environ.get("VLLM_LOGLIK_SOAK") == "1"
 
 
+#: The fixtures that the tests of this run use (collected, not skipped as `soak`).
+USED: set[str] = set()
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `soak` (long versions of what `make test` checks in a shorter way) run
     under `make soak` only."""
-    if SOAK:
-        return
     skip = pytest.mark.skip(reason="a long version: make soak runs it")
     for item in items:
-        if item.get_closest_marker("soak"):
+        if item.get_closest_marker("soak") and not SOAK:
             item.add_marker(skip)
+        else:
+            USED.update(item.fixturenames)
 
 
 #: Whether the installed vLLM has Model Runner V1 (0.32, 0.33: the CPU build runs it); from
@@ -111,6 +115,19 @@ class Reference:
 
 
 @pytest.fixture(scope="session")
+def in_process(model_path, tmp_path_factory):
+    """The batch CLI's mixed file (`tests/test_batch.py`), scored with an engine in the CLI's
+    process: the session's one such run, which the batch, Ray and report tests compare with."""
+    from .test_batch import ENGINE_FLAGS, score, write_input
+
+    folder = tmp_path_factory.mktemp("batch")
+    expected = write_input(folder / "in.jsonl")
+    run = score([model_path, "--input", str(folder / "in.jsonl"), "--output",
+                 str(folder / "out.jsonl"), *ENGINE_FLAGS])  # fmt: skip
+    return folder, expected, run
+
+
+@pytest.fixture(scope="session")
 def ref(model_path):
     return Reference(model_path)
 
@@ -131,6 +148,7 @@ class Server(ApiServer):
         extra_args: list[str] | None = None,
         vllm_serve: bool = False,
         port: int | None = None,
+        wait: bool = True,
     ):
         args = [
             "--served-model-name", "tiny", "--dtype", "float32",
@@ -145,7 +163,7 @@ class Server(ApiServer):
         self.api_key = api_key
         super().__init__(
             model, args, log_path, plugin=plugin, timeout=240, env=env, vllm_serve=vllm_serve,
-            port=port,
+            port=port, wait=wait,
         )
 
     def client(self):
@@ -195,31 +213,23 @@ def lora_args(lora_paths: dict[str, str]) -> list[str]:
             "--lora-target-modules", *LORA_TARGETS, "--lora-modules", *modules]  # fmt: skip
 
 
-@pytest.fixture(scope="session")
-def server(model_path, lora_paths, tmp_path_factory):
-    """The demo model with the plugin, serving two LoRA adapters next to it."""
-    log = tmp_path_factory.mktemp("logs") / "server.log"
-    srv = Server(model_path, log, True, API_KEY, extra_args=lora_args(lora_paths))
-    yield srv
-    srv.stop()
+def _main_server(request, logs: Path) -> Server:
+    env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    args = lora_args(request.getfixturevalue("lora_paths"))
+    return Server(request.getfixturevalue("model_path"), logs / "server.log", True, API_KEY,
+                  env=env, extra_args=args, wait=False)  # fmt: skip
 
 
-@pytest.fixture(scope="session")
-def stock_server(model_path, tmp_path_factory):
-    """The same server without VLLM_PLUGINS: stock vLLM behaviour."""
-    srv = Server(model_path, tmp_path_factory.mktemp("logs") / "stock.log", False, None)
-    yield srv
-    srv.stop()
+def _stock_server(request, logs: Path) -> Server:
+    return Server(request.getfixturevalue("model_path"), logs / "stock.log", False, None, wait=False)
 
 
 HOOK_DIR = Path(__file__).parent / "v2_layout"
 
 
-@pytest.fixture(scope="session")
-def v2_server(model_path, lora_paths, tmp_path_factory):
-    """A server whose engine outputs reach the plugin in the V2 model runner's layout
-    (`tests/test_v2_layout.py`), serving the LoRA adapters too."""
-    logs = tmp_path_factory.mktemp("v2-logs")
+def _v2_server(request, logs: Path) -> Server | None:
+    if not HAS_V1:
+        return None
     rewrites = logs / "rewrites.txt"
     rewrites.touch()
     env = {"PYTHONPATH": with_pythonpath(str(HOOK_DIR)), "VLLM_LOGLIK_V2_LAYOUT_LOG": str(rewrites),
@@ -229,9 +239,71 @@ def v2_server(model_path, lora_paths, tmp_path_factory):
            # target-only path does not apply: counted as a fallback (tests/test_target_logprobs.py).
            "VLLM_LOGLIK_TARGET_LOGPROBS": "0",
            "VLLM_LOGLIK_TARGET_LOGPROBS_TRACE": str(logs / "target-logprobs.txt")}  # fmt: skip
-    args = lora_args(lora_paths)
-    srv = Server(model_path, logs / "server.log", True, None, env=env, extra_args=args)
+    args = lora_args(request.getfixturevalue("lora_paths"))
+    srv = Server(request.getfixturevalue("model_path"), logs / "server.log", True, None, env=env,
+                 extra_args=args, wait=False)  # fmt: skip
     srv.rewrites = rewrites
     srv.trace = logs / "target-logprobs.txt"
+    return srv
+
+
+#: The session's servers, by fixture name: each starts (without waiting) the server of its
+#: fixture in a folder of logs of its own.
+SESSION_SERVERS = {"server": _main_server, "stock_server": _stock_server, "v2_server": _v2_server}
+_started: dict[str, Server | None] = {}  # started early, not yet asked for
+_launched = False
+
+
+def session_server(request, name: str):
+    """The session's server `name`, ready; the first of them to be asked for starts every one
+    that this run's tests use at once, so that their start-ups (each mostly single-threaded
+    imports, 20-30 s) overlap."""
+    global _launched
+    if not _launched:
+        _launched = True
+        for other, start in SESSION_SERVERS.items():
+            if other == name or other in USED:
+                logs = request.getfixturevalue("tmp_path_factory").mktemp(f"logs-{other}")
+                _started[other] = start(request, logs)
+    srv = _started.pop(name, None) or SESSION_SERVERS[name](
+        request, request.getfixturevalue("tmp_path_factory").mktemp(f"logs-{name}")
+    )
+    return srv.ready() if srv is not None else None
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Servers started early for tests that did not run after all (stopped with `-x`, say)."""
+    for srv in _started.values():
+        if srv is not None:
+            srv.stop()
+    _started.clear()
+
+
+@pytest.fixture(scope="session")
+def server(request):
+    """The demo model with the plugin, serving two LoRA adapters next to it; more may be
+    loaded at run time (`/v1/load_lora_adapter`)."""
+    srv = session_server(request, "server")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def stock_server(request):
+    """The same server without VLLM_PLUGINS: stock vLLM behaviour."""
+    srv = session_server(request, "stock_server")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def v2_server(request):
+    """A server whose engine outputs reach the plugin in the V2 model runner's layout
+    (`tests/test_v2_layout.py`), serving the LoRA adapters too: 0.32/0.33's V2 on a GPU,
+    simulated on the CPU build's V1 engine. From vLLM 0.34 on the engine is V2 itself, which
+    `make test-vllm-next` runs, and the simulation has nothing to add."""
+    srv = session_server(request, "v2_server")
+    if srv is None:
+        pytest.skip("the V2 layout simulated on a V1 engine: this vLLM runs V2 itself")
     yield srv
     srv.stop()

@@ -138,16 +138,6 @@ def check_output(records: list[dict], expected, llm) -> None:
             )
 
 
-@pytest.fixture(scope="module")
-def in_process(model_path, tmp_path_factory):
-    """The mixed file, scored with an engine in the CLI's process."""
-    folder = tmp_path_factory.mktemp("batch")
-    expected = write_input(folder / "in.jsonl")
-    run = score([model_path, "--input", str(folder / "in.jsonl"), "--output",
-                 str(folder / "out.jsonl"), *ENGINE_FLAGS])  # fmt: skip
-    return folder, expected, run
-
-
 def test_every_line_gets_a_record_in_order_with_the_offline_numbers(in_process, llm):
     folder, expected, run = in_process
     assert run.returncode == 1, run.stderr[-3000:]  # some lines failed, and the run went on

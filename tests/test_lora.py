@@ -233,10 +233,9 @@ def test_unknown_model_gets_vllms_own_404_and_the_server_goes_on(lora_server):
     assert r.status_code == 200
 
 
-def test_adapter_loaded_at_run_time(v2_server, lora_llm, lora_requests, lora_paths):
-    """`/v1/load_lora_adapter` (VLLM_ALLOW_RUNTIME_LORA_UPDATING, set on the V2-layout
+def test_adapter_loaded_at_run_time(lora_server, lora_llm, lora_requests, lora_paths):
+    """`/v1/load_lora_adapter` (VLLM_ALLOW_RUNTIME_LORA_UPDATING, set on the session's
     server): the new name scores as the adapter that it loads."""
-    lora_server = v2_server
     r = post(lora_server, "/v1/load_lora_adapter",
              {"lora_name": "late", "lora_path": lora_paths[NAMES[1]]})  # fmt: skip
     assert r.status_code == 200, r.text

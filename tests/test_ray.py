@@ -15,9 +15,9 @@ import pytest
 from vllm_loglik.testing import default_corpus
 
 from .conftest import MAX_MODEL_LEN
-from .test_batch import (  # noqa: F401
-    ENGINE_FLAGS, check_batch_natives, check_batch_scores, in_process, offline_scores, read,
-    score, write_batch_input,
+from .test_batch import (
+    ENGINE_FLAGS, check_batch_natives, check_batch_scores, offline_scores, read, score,
+    write_batch_input,
 )
 
 ray = pytest.importorskip("ray", reason="the test extra installs ray[data]")
@@ -90,7 +90,7 @@ def test_map_batches_scores_rows_of_columns_as_the_offline_api(ray_address, mode
                 )
 
 
-def test_cli_ray_resumes_and_equals_the_in_process_run(in_process, ray_address, model_path, tmp_path):  # noqa: F811
+def test_cli_ray_resumes_and_equals_the_in_process_run(in_process, ray_address, model_path, tmp_path):
     folder, expected, _ = in_process
     reference = read(folder / "out.jsonl")
     out = tmp_path / "ray.jsonl"
@@ -166,7 +166,9 @@ def test_shards_cover_the_lines_after_a_resume_point(tmp_path):
         assert [r["body"].decode() for r in rows] == lines[skip:]
 
 
-def test_cli_ray_reads_the_openai_batch_format(in_process, server, ray_address, model_path, tmp_path):  # noqa: F811
+@pytest.mark.soak  # an engine of its own (a minute here): the format's lines are read by the
+# same code with and without Ray, which make test runs in the CLI's process and on the server
+def test_cli_ray_reads_the_openai_batch_format(in_process, server, ray_address, model_path, tmp_path):
     """The OpenAI Batch input through `--ray`: the CLI's own scores line for line, and the
     bodies without `loglikelihood` as the server answers them."""
     folder, _, _ = in_process

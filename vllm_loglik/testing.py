@@ -342,6 +342,7 @@ class ApiServer:
         timeout: float = 300.0,
         env: dict[str, str] | None = None,
         vllm_serve: bool = False,
+        wait: bool = True,
     ) -> None:
         import os
         import socket
@@ -369,11 +370,19 @@ class ApiServer:
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.timeout = timeout
+        if wait:
+            self.ready()
+
+    def ready(self) -> ApiServer:
+        """Wait until the server answers `/health` (the constructor does, unless `wait=False`
+        started it to wait later); stops it and raises if it exits or does not start in time."""
         try:
-            self._wait(timeout)
+            self._wait(self.timeout)
         except BaseException:
             self.stop()
             raise
+        return self
 
     def _wait(self, timeout: float) -> None:
         import time
