@@ -213,15 +213,20 @@ def lora_args(lora_paths: dict[str, str]) -> list[str]:
             "--lora-target-modules", *LORA_TARGETS, "--lora-modules", *modules]  # fmt: skip
 
 
+#: Adapters may be loaded at run time (/v1/load_lora_adapter): set on the stock server too, whose
+#: routes the plugin's server must otherwise equal (tests/test_server.py).
+RUNTIME_LORA = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+
+
 def _main_server(request, logs: Path) -> Server:
-    env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
     args = lora_args(request.getfixturevalue("lora_paths"))
     return Server(request.getfixturevalue("model_path"), logs / "server.log", True, API_KEY,
-                  env=env, extra_args=args, wait=False)  # fmt: skip
+                  env=RUNTIME_LORA, extra_args=args, wait=False)  # fmt: skip
 
 
 def _stock_server(request, logs: Path) -> Server:
-    return Server(request.getfixturevalue("model_path"), logs / "stock.log", False, None, wait=False)
+    return Server(request.getfixturevalue("model_path"), logs / "stock.log", False, None,
+                  env=RUNTIME_LORA, wait=False)  # fmt: skip
 
 
 HOOK_DIR = Path(__file__).parent / "v2_layout"
@@ -233,8 +238,7 @@ def _v2_server(request, logs: Path) -> Server | None:
     rewrites = logs / "rewrites.txt"
     rewrites.touch()
     env = {"PYTHONPATH": with_pythonpath(str(HOOK_DIR)), "VLLM_LOGLIK_V2_LAYOUT_LOG": str(rewrites),
-           # Adapters may be loaded at run time too (/v1/load_lora_adapter).
-           "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+           **RUNTIME_LORA,
            # vLLM's own prompt-logprob path, as on a GPU's V2 model runner, where the
            # target-only path does not apply: counted as a fallback (tests/test_target_logprobs.py).
            "VLLM_LOGLIK_TARGET_LOGPROBS": "0",
