@@ -16,8 +16,9 @@ Against it, on the plugin's server with the same settings:
 18. a long shared prompt: 16 prompts of 1,000 tokens, 8 completions of 250 each (plain vLLM
     computes 10,000 positions per group, the floor is 3,000): goal at least 3x;
 19. long completions: 16 prompts of 200 tokens, 8 completions of 1,000 each: no slower than
-    plain vLLM, and the binary answer at least 10x smaller than plain vLLM's JSON (bytes on the wire: our
-    route gzips a long answer for a client that accepts it, as httpx and TRL's client do);
+    plain vLLM, and the binary answer at least 10x smaller than plain vLLM's JSON (bytes on
+    the wire: our route gzips a long answer for a client that accepts it, as httpx and TRL's
+    client do);
 20. TRL 1.16's own body on the plugin's server, on both shapes.
 
 Every side is warmed up on the same two other groups, then timed once (the baseline takes

@@ -263,15 +263,13 @@ def session_server(request, name: str):
     that this run's tests use at once, so that their start-ups (each mostly single-threaded
     imports, 20-30 s) overlap."""
     global _launched
-    if not _launched:
-        _launched = True
-        for other, start in SESSION_SERVERS.items():
-            if other == name or other in USED:
-                logs = request.getfixturevalue("tmp_path_factory").mktemp(f"logs-{other}")
-                _started[other] = start(request, logs)
-    srv = _started.pop(name, None) or SESSION_SERVERS[name](
-        request, request.getfixturevalue("tmp_path_factory").mktemp(f"logs-{name}")
-    )
+    names = [name] if _launched else [n for n in SESSION_SERVERS if n == name or n in USED]
+    _launched = True
+    for other in names:
+        if other not in _started:
+            logs = request.getfixturevalue("tmp_path_factory").mktemp(f"logs-{other}")
+            _started[other] = SESSION_SERVERS[other](request, logs)
+    srv = _started.pop(name)
     return srv.ready() if srv is not None else None
 
 

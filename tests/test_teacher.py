@@ -443,7 +443,7 @@ def test_v2_wrapper_keeps_vllms_rows_scales_and_skips_the_rest():
     assert scaled.lost
 
 
-def test_a_long_answer_is_gzipped_for_a_client_that_accepts_it(teacher_server, ref):
+def test_a_long_answer_is_gzipped_for_a_client_that_accepts_it(teacher_server):
     """The binary answer of 8 sequences × 60 rows × 100 alternatives (about 640 KB) travels
     gzipped to a client that accepts gzip (httpx, and TRL's `requests`), as it is to one that
     does not; both decode to the same arrays."""

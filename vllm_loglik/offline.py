@@ -118,10 +118,9 @@ def run_jobs(
     refusal = runner_of(config).temperature_refusal(temperature)
     if refusal is not None:
         raise ValueError(refusal)
-    if temperature != 1:
-        if words is not False and words is not None:
-            raise ValueError("temperature cannot be combined with words: word scores are of the "
-                             "model's own distribution")  # fmt: skip
+    if temperature != 1 and words is not False and words is not None:
+        raise ValueError("temperature cannot be combined with words: word scores are of the "
+                         "model's own distribution")  # fmt: skip
     scorer = scorer_for(llm)
     jobs = _with_words(scorer, jobs, words, word_probability, name)
     corrected = any(job.words is not None and job.words.corrected for job in jobs)
