@@ -168,6 +168,61 @@ def test_words_across_prefill_chunks_equal_the_reference(llm, ref):
         assert all(math.isfinite(w.logprob) for w in score.words)
 
 
+def test_corrected_words_with_alternatives_up_to_the_engines_cap(llm, server):
+    """Corrected words take two prompt-logprob columns beyond the alternatives on V1 (its
+    patch's), none on V2 (token-id scores). With the engine's `max_logprobs` (vLLM's default,
+    20) less one alternatives, V1 refuses by the field's name offline (ValueError), on the
+    server (400) and in the batch CLI (an error record), and scores with two less; V2 scores
+    with 20. The words are those scored with one alternative."""
+    import json
+
+    import httpx
+
+    from vllm_loglik import batch
+
+    from .conftest import API_KEY, HAS_V1
+
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    text = "The capital of France is Paris"
+    [base] = vllm_loglik.prompt_loglikelihood(llm, [text], words=True, top_logprobs=1)
+    expected = [(w.text, w.logprob) for w in base.words]
+
+    def attempt(top: int):
+        try:
+            [offline] = vllm_loglik.prompt_loglikelihood(llm, [text], words=True, top_logprobs=top)
+        except ValueError as e:
+            offline = e
+        options = {"words": True, "top_logprobs": top}
+        r = httpx.post(server.url + "/v1/completions", timeout=60, headers=auth, json={
+            "model": "tiny", "prompt": text, "max_tokens": 0, "loglikelihood": options})  # fmt: skip
+        records: list[dict] = []
+        line = json.dumps({"prompt": text, "loglikelihood": options})
+        # With --details (the batch format lists alternatives only then).
+        batch.run_engine(llm, iter([(1, line)]), records.append, details=True)
+        return offline, r, records[0]
+
+    if HAS_V1:
+        offline, r, record = attempt(19)
+        assert isinstance(offline, ValueError) and "top_logprobs is 19" in str(offline)
+        assert r.status_code == 400, r.text
+        for error in (r.json()["error"], record["error"]):
+            assert error["param"] == "loglikelihood.top_logprobs", error
+        for message in (str(offline), r.json()["error"]["message"], record["error"]["message"]):
+            assert "at most 18" in message and "max_logprobs" in message, message
+    top = 18 if HAS_V1 else 20
+    offline, r, record = attempt(top)
+    assert r.status_code == 200, r.text
+    assert len(offline.tokens[-1].top_logprobs) == top
+    got = [
+        [(w.text, w.logprob) for w in offline.words],
+        [(w["text"], w["logprob"]) for w in r.json()["choices"][0]["loglikelihood"][0]["words"]],
+        [(w["text"], w["logprob"]) for w in record["loglikelihood"][0]["words"]],
+    ]
+    for words in got:
+        assert [t for t, _ in words] == [t for t, _ in expected]
+        assert [lp for _, lp in words] == pytest.approx([lp for _, lp in expected], abs=TOL)
+
+
 #: Japanese, then Chinese: on the demo's byte-level BPE tokenizer (trained on English text),
 #: their characters are split into one- and two-byte tokens, some across two characters.
 CJK = "日本語の文章です 中文句子测试一下吧 done 🙂x"

@@ -462,8 +462,8 @@ def run_engine(
 
 def engine_problem(work: Work, max_logprobs: int, runner: Any) -> dict[str, Any] | None:
     """The error of a line that this engine cannot score as asked, as the server's 400s say
-    it: more alternatives than its `max_logprobs`, or a temperature where the runner's patch
-    is off."""
+    it: more alternatives than its `max_logprobs` (with corrected words on V1, two more), or a
+    temperature where the runner's patch is off."""
     if work.top_logprobs > max_logprobs:
         return {
             "message": f"top_logprobs is {work.top_logprobs}; this engine allows at most "
@@ -473,6 +473,10 @@ def engine_problem(work: Work, max_logprobs: int, runner: Any) -> dict[str, Any]
     refusal = runner.temperature_refusal(work.temperature, "loglikelihood.temperature")
     if refusal is not None:
         return {"message": refusal, "param": "loglikelihood.temperature"}
+    if work.words:
+        refusal = runner.words_refusal(work.top_logprobs, max_logprobs, "loglikelihood.top_logprobs")
+        if refusal is not None:
+            return {"message": refusal, "param": "loglikelihood.top_logprobs"}
     return None
 
 

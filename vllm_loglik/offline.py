@@ -128,14 +128,11 @@ def run_jobs(
         problem = corrected_words_problem(config)
         if problem is not None:
             raise ValueError(problem)
-        cap = config.model_config.max_logprobs
-        extra = runner_of(config).word_columns
-        if cap != -1 and extra and top_logprobs + extra > cap:
-            raise ValueError(
-                f"top_logprobs is {top_logprobs}; with corrected words the engine computes two "
-                f"more prompt logprobs per position, and its max_logprobs is {cap}: at most "
-                f"{max(cap - extra, 0)} (or build the LLM with a larger max_logprobs)"
-            )
+        refusal = runner_of(config).words_refusal(
+            top_logprobs, engine_max_logprobs(config.model_config)
+        )
+        if refusal is not None:
+            raise ValueError(refusal)
     spans = [span for job in jobs for span in job.spans]
     scored = iter(
         run_spans(llm, spans, top_logprobs, use_tqdm, lora_request, corrected, temperature)

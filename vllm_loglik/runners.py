@@ -91,6 +91,22 @@ class Runner:
             f"({self.temperature_problem}); vLLM's own prompt logprobs ignore it"
         )
 
+    def words_refusal(
+        self, top_logprobs: int, max_logprobs: int, field: str = "top_logprobs"
+    ) -> str | None:
+        """Why corrected words with `top_logprobs` alternatives (named `field`) cannot be scored
+        on an engine whose cap on logprobs per position is `max_logprobs`, or None: on V1 the
+        word masses take two prompt-logprob columns beyond the alternatives."""
+        extra = self.word_columns
+        if not extra or top_logprobs + extra <= max_logprobs:
+            return None
+        return (
+            f"{field} is {top_logprobs}; with corrected words the engine computes {extra} more "
+            f"prompt logprobs per position, and its max_logprobs is {max_logprobs}: at most "
+            f"{max(max_logprobs - extra, 0)} here (or raise the engine's max_logprobs, "
+            "--max-logprobs on the server)"
+        )
+
     def with_start(self, params: Any, start: int) -> Any:
         """`params` that score the prompt from position `start` on, on a runner with V2's
         scoring fields (which then reads the prefix cache up to there); as they are elsewhere."""

@@ -49,15 +49,11 @@ def check_translation(scoring: ServerScoring, work: Translation) -> None:
         return
     if scoring.words_problem is not None:
         raise RequestError("loglikelihood.word_probability", scoring.words_problem)
-    extra = scoring.runner.word_columns
-    if extra and work.top_logprobs + extra > scoring.max_logprobs:
-        raise RequestError(
-            work.top_logprobs_field,
-            f"{work.top_logprobs_field} is {work.top_logprobs}; with corrected words the engine "
-            f"computes two more prompt logprobs per position, and its max_logprobs is "
-            f"{scoring.max_logprobs}: at most {max(scoring.max_logprobs - 2, 0)} here "
-            "(or start the server with a larger --max-logprobs)",
-        )
+    refusal = scoring.runner.words_refusal(
+        work.top_logprobs, scoring.max_logprobs, work.top_logprobs_field
+    )
+    if refusal is not None:
+        raise RequestError(work.top_logprobs_field, refusal)
 
 
 class NotScorable(RequestError):
