@@ -89,19 +89,24 @@ def multiple_choice(model: str, dtype: str, size: Size) -> dict:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model)
-    ours, native, expected = [], [], []
-    for ctx, conts in questions(model, size, size.questions):
-        ours.append({"model": "bench", "prompt": ctx, "max_tokens": 0,
-                     "loglikelihood": {"continuations": conts}})  # fmt: skip
-        for c in conts:
-            cont = tok.encode(c, add_special_tokens=False)
-            native.append({"model": "bench", "prompt": ctx + cont, "max_tokens": 1,
-                           "prompt_logprobs": 0})  # fmt: skip
-            expected.append(len(ctx))
-    warm_up = [
-        {"model": "bench", "prompt": ctx, "max_tokens": 0, "loglikelihood": {"continuations": c}}
-        for ctx, c in questions(model, size, size.clients, seed=3)
-    ]
+
+    def bodies(qs: list[tuple[list[int], list[str]]]) -> tuple[list[dict], list[dict]]:
+        """Ours (one request per question) and the native requests (one per pair)."""
+        ours, native = [], []
+        for ctx, conts in qs:
+            ours.append({"model": "bench", "prompt": ctx, "max_tokens": 0,
+                         "loglikelihood": {"continuations": conts}})  # fmt: skip
+            for c in conts:
+                cont = tok.encode(c, add_special_tokens=False)
+                native.append({"model": "bench", "prompt": ctx + cont, "max_tokens": 1,
+                               "prompt_logprobs": 0})  # fmt: skip
+        return ours, native
+
+    qs = questions(model, size, size.questions)
+    ours, native = bodies(qs)
+    expected = [len(ctx) for ctx, conts in qs for _ in conts]
+    # Both sides warm up on the same other questions, each in its own form.
+    warm_up, native_warm_up = bodies(questions(model, size, size.clients, seed=3))
     result: dict = {"ours": {}}
     worst = 0.0
     # The baseline on plain vLLM (no plugin: on the plugin's server echo acceleration would
@@ -109,7 +114,7 @@ def multiple_choice(model: str, dtype: str, size: Size) -> dict:
     # enough to average out the noise.
     with serve(model, dtype, size.context_len + 64, True, 8302, RESERVED, size.block_sizes[0],
                plugin=False) as server:  # fmt: skip
-        native_out = timed(server, native, size, repeats=1, warm_up=[])
+        native_out = timed(server, native, size, repeats=1, warm_up=native_warm_up)
         result["native"] = native_out.wall
     for block_size in size.block_sizes:
         with serve(model, dtype, size.context_len + 64, True, 8302, RESERVED, block_size) as server:

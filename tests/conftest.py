@@ -35,6 +35,7 @@ SOAK = os.environ.get("VLLM_LOGLIK_SOAK") == "1"
 USED: set[str] = set()
 
 
+@pytest.hookimpl(trylast=True)  # after `-k` and `-m` have deselected: USED is this run's
 def pytest_collection_modifyitems(config, items):
     """Tests marked `soak` (long versions of what `make test` checks in a shorter way) run
     under `make soak` only."""
@@ -258,17 +259,28 @@ _started: dict[str, Server | None] = {}  # started early, not yet asked for
 _launched = False
 
 
-def session_server(request, name: str):
-    """The session's server `name`, ready; the first of them to be asked for starts every one
-    that this run's tests use at once, so that their start-ups (each mostly single-threaded
-    imports, 20-30 s) overlap."""
+def launch_session_servers(request, name: str | None = None) -> None:
+    """Start, without waiting, every session server that this run's tests use, at the
+    session's first test, so that their start-ups (each mostly single-threaded imports,
+    20-30 s) overlap each other's and the first tests' engines; later, `name` if it was not
+    among them (a fixture that asks for a server by name, which USED does not see)."""
     global _launched
     names = [name] if _launched else [n for n in SESSION_SERVERS if n == name or n in USED]
     _launched = True
     for other in names:
-        if other not in _started:
+        if other is not None and other not in _started:
             logs = request.getfixturevalue("tmp_path_factory").mktemp(f"logs-{other}")
             _started[other] = SESSION_SERVERS[other](request, logs)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_servers_start(request):
+    launch_session_servers(request)
+
+
+def session_server(request, name: str):
+    """The session's server `name`, ready (started by `launch_session_servers`)."""
+    launch_session_servers(request, name)
     srv = _started.pop(name)
     return srv.ready() if srv is not None else None
 

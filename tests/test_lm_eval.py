@@ -11,6 +11,7 @@ through `/v1/chat/completions` under the server's chat template, against `hf` wi
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -28,24 +29,31 @@ def hf_mc(hf_bos):
 
 
 @pytest.fixture(scope="module")
-def hf_rolling(model_path, tmp_path_factory):
-    """lm-eval's `hf` backend on the rolling task: no BOS added to the text (the first window
-    starts after the prefix token, as the server's do), and windows of the server's length
-    (`max_model_len - 2`)."""
-    args = ["--model", "hf", "--model_args",
-            f"pretrained={model_path},dtype=float32,add_bos_token=False,"
-            f"max_length={MAX_MODEL_LEN - 2}",
-            "--tasks", "loglik_rolling", "--batch_size", "1"]  # fmt: skip
-    return lm_eval(args, tmp_path_factory.mktemp("hf-rolling"))
+def runs(server, model_path, tmp_path_factory):
+    """Both tasks in one run of `vllm-loglik` against the server, and beside it (each run is
+    mostly start-up) lm-eval's `hf` backend on the rolling task: no BOS added to the text (the
+    first window starts after the prefix token, as the server's do), and windows of the
+    server's length (`max_model_len - 2`)."""
+    ours = ["--model", "vllm-loglik", "--model_args",
+            f"base_url={server.url}/v1/completions,model=tiny,num_concurrent=4,max_retries=1",
+            "--tasks", "loglik_mc,loglik_rolling"]  # fmt: skip
+    hf = ["--model", "hf", "--model_args",
+          f"pretrained={model_path},dtype=float32,add_bos_token=False,"
+          f"max_length={MAX_MODEL_LEN - 2}",
+          "--tasks", "loglik_rolling", "--batch_size", "1"]  # fmt: skip
+    with ThreadPoolExecutor(2) as pool:
+        hf_run = pool.submit(lm_eval, hf, tmp_path_factory.mktemp("hf-rolling"))
+        return lm_eval(ours, tmp_path_factory.mktemp("ours")), hf_run.result()
 
 
 @pytest.fixture(scope="module")
-def ours(server, tmp_path_factory):
-    """Both tasks in one run of `vllm-loglik` against the server."""
-    args = ["--model", "vllm-loglik", "--model_args",
-            f"base_url={server.url}/v1/completions,model=tiny,num_concurrent=4,max_retries=1",
-            "--tasks", "loglik_mc,loglik_rolling"]  # fmt: skip
-    return lm_eval(args, tmp_path_factory.mktemp("ours"))
+def ours(runs):
+    return runs[0]
+
+
+@pytest.fixture(scope="module")
+def hf_rolling(runs):
+    return runs[1]
 
 
 def test_multiple_choice_matches_the_hf_backend(ours, hf_mc):
@@ -71,17 +79,18 @@ def test_chat_model_scores_multiple_choice_through_chat_completions(
     every continuation and scores it too: the same token after the same context, so its
     per-sample numbers differ from ours by one constant per question, and `acc` is the same."""
     chat = ["--apply_chat_template", "--tasks", "loglik_mc"]
-    results, samples = lm_eval(
-        ["--model", "vllm-loglik-chat", "--model_args",
-         f"base_url={server.url}/v1/chat/completions,model=tiny,num_concurrent=4,max_retries=1",
-         *chat],
-        tmp_path / "ours",
-    )  # fmt: skip
-    ref_results, ref_samples = lm_eval(
-        ["--model", "hf", "--model_args", f"pretrained={model_path},dtype=float32",
-         "--batch_size", "4", *chat],
-        tmp_path / "hf",
-    )  # fmt: skip
+    with ThreadPoolExecutor(2) as pool:  # side by side: each run is mostly start-up
+        hf_run = pool.submit(
+            lm_eval, ["--model", "hf", "--model_args", f"pretrained={model_path},dtype=float32",
+                      "--batch_size", "4", *chat], tmp_path / "hf",
+        )  # fmt: skip
+        results, samples = lm_eval(
+            ["--model", "vllm-loglik-chat", "--model_args",
+             f"base_url={server.url}/v1/chat/completions,model=tiny,num_concurrent=4,max_retries=1",
+             *chat],
+            tmp_path / "ours",
+        )  # fmt: skip
+        ref_results, ref_samples = hf_run.result()
     mc = samples["loglik_mc"]
     assert len(mc) == 12 and [s["doc_id"] for s in mc] == [s["doc_id"] for s in ref_samples["loglik_mc"]]
     for sample, ref_sample in zip(mc, ref_samples["loglik_mc"], strict=True):

@@ -62,14 +62,24 @@ def run(model: str, args: str, tasks: str, out: Path, extra: list[str] | None = 
 
 
 @pytest.fixture(scope="module")
-def ours(model_path, tmp_path_factory):
-    return run("vllm-loglik-offline", model_args(model_path), TASKS, tmp_path_factory.mktemp("ours"))
+def runs(model_path, tmp_path_factory, vllm_dist_env):
+    """Our model's run and lm-eval's `vllm` model's, side by side (each is mostly start-up)."""
+    with ThreadPoolExecutor(2) as pool:
+        ours = pool.submit(run, "vllm-loglik-offline", model_args(model_path), TASKS,
+                           tmp_path_factory.mktemp("ours"))  # fmt: skip
+        theirs = run("vllm", model_args(model_path), TASKS, tmp_path_factory.mktemp("theirs"),
+                     env=vllm_dist_env)  # fmt: skip
+        return ours.result(), theirs
 
 
 @pytest.fixture(scope="module")
-def theirs(model_path, tmp_path_factory, vllm_dist_env):
-    out = tmp_path_factory.mktemp("theirs")
-    return run("vllm", model_args(model_path), TASKS, out, env=vllm_dist_env)
+def ours(runs):
+    return runs[0]
+
+
+@pytest.fixture(scope="module")
+def theirs(runs):
+    return runs[1]
 
 
 def assert_equal_runs(ours, theirs, tasks: list[str]) -> None:
