@@ -275,6 +275,7 @@ def launch_session_servers(request, name: str | None = None) -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def _session_servers_start(request):
+    """The session's servers start at its first test (see `launch_session_servers`)."""
     launch_session_servers(request)
 
 
