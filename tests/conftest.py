@@ -256,32 +256,28 @@ def _v2_server(request, logs: Path) -> Server | None:
 #: fixture in a folder of logs of its own.
 SESSION_SERVERS = {"server": _main_server, "stock_server": _stock_server, "v2_server": _v2_server}
 _started: dict[str, Server | None] = {}  # started early, not yet asked for
-_launched = False
 
 
-def launch_session_servers(request, name: str | None = None) -> None:
-    """Start, without waiting, every session server that this run's tests use, at the
-    session's first test, so that their start-ups (each mostly single-threaded imports,
-    20-30 s) overlap each other's and the first tests' engines; later, `name` if it was not
-    among them (a fixture that asks for a server by name, which USED does not see)."""
-    global _launched
-    names = [name] if _launched else [n for n in SESSION_SERVERS if n == name or n in USED]
-    _launched = True
-    for other in names:
-        if other is not None and other not in _started:
-            logs = request.getfixturevalue("tmp_path_factory").mktemp(f"logs-{other}")
-            _started[other] = SESSION_SERVERS[other](request, logs)
+def launch_session_servers(request, names: list[str]) -> None:
+    """Start, without waiting, each of the session's servers `names` not started yet."""
+    for name in names:
+        if name not in _started:
+            logs = request.getfixturevalue("tmp_path_factory").mktemp(f"logs-{name}")
+            _started[name] = SESSION_SERVERS[name](request, logs)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _session_servers_start(request):
-    """The session's servers start at its first test (see `launch_session_servers`)."""
-    launch_session_servers(request)
+    """Every session server that this run's tests use starts at the session's first test, so
+    that their start-ups (each mostly single-threaded imports, 20-30 s) overlap each other's
+    and the first tests' engines."""
+    launch_session_servers(request, [name for name in SESSION_SERVERS if name in USED])
 
 
 def session_server(request, name: str):
-    """The session's server `name`, ready (started by `launch_session_servers`)."""
-    launch_session_servers(request, name)
+    """The session's server `name`, ready; started now if USED did not see it (a fixture that
+    asks for it by name)."""
+    launch_session_servers(request, [name])
     srv = _started.pop(name)
     return srv.ready() if srv is not None else None
 

@@ -7,7 +7,10 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,6 +52,13 @@ def lm_eval(
     if log:
         return results, samples, run.stdout + run.stderr
     return results, samples
+
+
+def side_by_side(*calls: Callable[[], Any]) -> list[Any]:
+    """The results of `calls` (lm-eval runs), run at once: each run is mostly single-threaded
+    start-up."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return list(pool.map(lambda call: call(), calls))
 
 
 def loglikelihoods(sample: dict) -> list[float]:

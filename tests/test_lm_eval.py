@@ -11,7 +11,6 @@ through `/v1/chat/completions` under the server's chat template, against `hf` wi
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -19,7 +18,14 @@ import vllm_loglik
 
 from .conftest import MAX_MODEL_LEN
 
-from .lm_eval_runs import assert_metrics, assert_same, greedy, lm_eval, loglikelihoods
+from .lm_eval_runs import (
+    assert_metrics,
+    assert_same,
+    greedy,
+    lm_eval,
+    loglikelihoods,
+    side_by_side,
+)
 
 @pytest.fixture(scope="module")
 def hf_mc(hf_bos):
@@ -41,9 +47,8 @@ def runs(server, model_path, tmp_path_factory):
           f"pretrained={model_path},dtype=float32,add_bos_token=False,"
           f"max_length={MAX_MODEL_LEN - 2}",
           "--tasks", "loglik_rolling", "--batch_size", "1"]  # fmt: skip
-    with ThreadPoolExecutor(2) as pool:
-        hf_run = pool.submit(lm_eval, hf, tmp_path_factory.mktemp("hf-rolling"))
-        return lm_eval(ours, tmp_path_factory.mktemp("ours")), hf_run.result()
+    ours_out, hf_out = tmp_path_factory.mktemp("ours"), tmp_path_factory.mktemp("hf-rolling")
+    return side_by_side(lambda: lm_eval(ours, ours_out), lambda: lm_eval(hf, hf_out))
 
 
 @pytest.fixture(scope="module")
@@ -79,18 +84,14 @@ def test_chat_model_scores_multiple_choice_through_chat_completions(
     every continuation and scores it too: the same token after the same context, so its
     per-sample numbers differ from ours by one constant per question, and `acc` is the same."""
     chat = ["--apply_chat_template", "--tasks", "loglik_mc"]
-    with ThreadPoolExecutor(2) as pool:  # side by side: each run is mostly start-up
-        hf_run = pool.submit(
-            lm_eval, ["--model", "hf", "--model_args", f"pretrained={model_path},dtype=float32",
-                      "--batch_size", "4", *chat], tmp_path / "hf",
-        )  # fmt: skip
-        results, samples = lm_eval(
-            ["--model", "vllm-loglik-chat", "--model_args",
-             f"base_url={server.url}/v1/chat/completions,model=tiny,num_concurrent=4,max_retries=1",
-             *chat],
-            tmp_path / "ours",
-        )  # fmt: skip
-        ref_results, ref_samples = hf_run.result()
+    ours = ["--model", "vllm-loglik-chat", "--model_args",
+            f"base_url={server.url}/v1/chat/completions,model=tiny,num_concurrent=4,max_retries=1",
+            *chat]  # fmt: skip
+    hf = ["--model", "hf", "--model_args", f"pretrained={model_path},dtype=float32",
+          "--batch_size", "4", *chat]  # fmt: skip
+    (results, samples), (ref_results, ref_samples) = side_by_side(
+        lambda: lm_eval(ours, tmp_path / "ours"), lambda: lm_eval(hf, tmp_path / "hf")
+    )
     mc = samples["loglik_mc"]
     assert len(mc) == 12 and [s["doc_id"] for s in mc] == [s["doc_id"] for s in ref_samples["loglik_mc"]]
     for sample, ref_sample in zip(mc, ref_samples["loglik_mc"], strict=True):

@@ -18,7 +18,6 @@ detection on the CPU). Our model needs none of this.
 from __future__ import annotations
 
 import re
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -26,7 +25,7 @@ import pytest
 from vllm_loglik.testing import lm_eval_vllm_env
 
 from .conftest import MAX_MODEL_LEN
-from .lm_eval_runs import assert_metrics, greedy, lm_eval, loglikelihoods
+from .lm_eval_runs import assert_metrics, greedy, lm_eval, loglikelihoods, side_by_side
 
 TASKS = "loglik_mc,loglik_rolling,loglik_gen"
 MC_METRICS = ["acc", "acc_norm"]
@@ -64,12 +63,10 @@ def run(model: str, args: str, tasks: str, out: Path, extra: list[str] | None = 
 @pytest.fixture(scope="module")
 def runs(model_path, tmp_path_factory, vllm_dist_env):
     """Our model's run and lm-eval's `vllm` model's, side by side (each is mostly start-up)."""
-    with ThreadPoolExecutor(2) as pool:
-        ours = pool.submit(run, "vllm-loglik-offline", model_args(model_path), TASKS,
-                           tmp_path_factory.mktemp("ours"))  # fmt: skip
-        theirs = run("vllm", model_args(model_path), TASKS, tmp_path_factory.mktemp("theirs"),
-                     env=vllm_dist_env)  # fmt: skip
-        return ours.result(), theirs
+    args = model_args(model_path)
+    ours, theirs = tmp_path_factory.mktemp("ours"), tmp_path_factory.mktemp("theirs")
+    return side_by_side(lambda: run("vllm-loglik-offline", args, TASKS, ours),
+                        lambda: run("vllm", args, TASKS, theirs, env=vllm_dist_env))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -144,11 +141,12 @@ def test_chat_template_and_two_data_parallel_replicas_equal_lm_evals_engine(
     once for the whole run (three request types: three calls). The same rendered prompts,
     loglikelihoods and generations as lm-eval's `vllm` model on one engine."""
     tasks = "loglik_mc,loglik_gen"
-    with ThreadPoolExecutor(2) as pool:  # side by side: each run is mostly start-up
-        ours = pool.submit(run, "vllm-loglik-offline", model_args(model_path, "data_parallel_size=2"),
-                           tasks, tmp_path / "dp", CHAT)  # fmt: skip
-        theirs = run("vllm", model_args(model_path), tasks, tmp_path / "theirs", CHAT, vllm_dist_env)
-        two = ours.result()
+    two, theirs = side_by_side(
+        lambda: run("vllm-loglik-offline", model_args(model_path, "data_parallel_size=2"), tasks,
+                    tmp_path / "dp", CHAT),
+        lambda: run("vllm", model_args(model_path), tasks, tmp_path / "theirs", CHAT,
+                    vllm_dist_env),
+    )  # fmt: skip
     first = two[1]["loglik_gen"][0]["arguments"]["gen_args_0"]["arg_0"]
     assert first.startswith("<s><|system|>\nAnswer in one word.<|end|>\n<|user|>\n")
     assert first.count("<|user|>") == 2 and first.endswith("<|assistant|>\n")  # one shot

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -362,7 +363,7 @@ def test_lm_eval_in_process_and_through_the_server(family, tmp_path, vllm_dist_e
     it (the server adds BOS to a context as vLLM encodes a prompt string, and no BOS to a rolling
     text; lm-eval's in-process models follow the tokenizer's default, which adds BOS to both).
     The runs go side by side: each is mostly start-up."""
-    from .lm_eval_runs import assert_same, lm_eval, loglikelihoods
+    from .lm_eval_runs import assert_same, lm_eval, loglikelihoods, side_by_side
     from .test_lm_eval_offline import model_args
 
     if family.name == "bpe":
@@ -375,8 +376,7 @@ def test_lm_eval_in_process_and_through_the_server(family, tmp_path, vllm_dist_e
     if family.mistral is not None:  # the server's tokenizer path is the same code for the others
         runs.append((["--model", "vllm-loglik", "--model_args", served_args, *tasks],
                      tmp_path / "served", None))  # fmt: skip
-    with ThreadPoolExecutor(len(runs)) as pool:
-        results = list(pool.map(lambda run: lm_eval(*run)[1], runs))
+    results = [out[1] for out in side_by_side(*(partial(lm_eval, *run) for run in runs))]
     ours, theirs = results[:2]
     for task in ("loglik_mc", "loglik_rolling"):
         assert_same(ours, theirs, task)
