@@ -23,7 +23,7 @@ import pytest
 import vllm_loglik
 from vllm_loglik.testing import default_corpus
 
-from .conftest import HAS_V1, API_KEY, MAX_MODEL_LEN
+from .conftest import API_KEY, DEFAULT_PROCESSES, HAS_V1, MAX_MODEL_LEN
 
 CLI = str(Path(sys.executable).parent / "vllm-loglik")
 ENGINE_FLAGS = [
@@ -188,7 +188,7 @@ def test_sigint_keeps_every_written_line_and_a_rerun_resumes(model_path, server,
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     texts = [f"Line {i}: the quick brown fox jumps over the lazy dog {i} times." for i in range(3000)]
     inp.write_text("".join(json.dumps({"id": i, "prompt": t}) + "\n" for i, t in enumerate(texts)))
-    env = dict(os.environ)
+    env = dict(os.environ, **DEFAULT_PROCESSES)  # the engine's processes get the signal too
     proc = subprocess.Popen(
         [CLI, "score", model_path, "--input", str(inp), "--output", str(out), *ENGINE_FLAGS,
          "--budget-tokens", "64"],

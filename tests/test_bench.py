@@ -8,11 +8,14 @@ compares give the same numbers (to 1e-4, in float32). `make soak` runs it: the e
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from .conftest import DEFAULT_PROCESSES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,7 +28,9 @@ def smoke(tmp_path: Path, only: tuple[str, ...] | None) -> tuple[dict, str]:
     cmd = [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--json", str(out)]
     if only:
         cmd += ["--only", ",".join(only)]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    # The bench's engines run in the processes that vLLM gives them by default, as measured.
+    env = dict(os.environ, **DEFAULT_PROCESSES)
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     figures = json.loads(out.read_text())
     assert figures["table"] in run.stdout

@@ -29,11 +29,21 @@ import httpx
 import psutil
 import pytest
 
-from .conftest import Server
+from .conftest import DEFAULT_PROCESSES, Server
 from .test_batch import CLI, ENGINE_FLAGS, read
 from .test_server import MODEL
 
 pytestmark = pytest.mark.soak
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _default_processes():
+    """These faults kill an engine's processes: every engine here runs in the processes that the
+    CPU build gives it by default (an engine core and a worker of its own)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in DEFAULT_PROCESSES.items():
+            patch.setenv(name, value)
+        yield
 
 
 def write_lines(path: Path, n: int) -> list[str]:

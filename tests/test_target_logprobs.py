@@ -20,7 +20,7 @@ import vllm_loglik
 from vllm_loglik.offline import scorer_for
 from vllm_loglik.target_logprobs import MARK
 
-from .conftest import HAS_V1, MAX_MODEL_LEN, TRACE
+from .conftest import HAS_V1, MAX_MODEL_LEN, TRACE, default_processes
 from .test_server import LONG_CONTEXT, MODEL, OPTIONS, metric, post
 
 #: The tests of V1's target-only patch (vLLM 0.32/0.33; gone with V1 from 0.34 on).
@@ -116,8 +116,9 @@ def test_scores_through_the_api_take_the_target_only_path(llm, ref):
 def bf16_llm(model_path):
     from vllm import LLM
 
-    engine = LLM(model_path, dtype="bfloat16", max_model_len=MAX_MODEL_LEN, enforce_eager=True,
-                 seed=0, block_size=32)  # fmt: skip
+    with default_processes():
+        engine = LLM(model_path, dtype="bfloat16", max_model_len=MAX_MODEL_LEN,
+                     enforce_eager=True, seed=0, block_size=32)  # fmt: skip
     yield engine
     engine.llm_engine.engine_core.shutdown()
 

@@ -23,7 +23,7 @@ import pytest
 import vllm_loglik
 from vllm_loglik.protocol import entries
 
-from .conftest import API_KEY, MAX_MODEL_LEN, Reference, Server
+from .conftest import API_KEY, MAX_MODEL_LEN, Reference, Server, default_processes
 
 TOL = 1e-4
 FAMILIES = ("bpe", "sentencepiece", "tekken")
@@ -122,8 +122,10 @@ def family(request, tmp_path_factory):
     # The server starts while the engine is built: much of each start-up is single-threaded.
     with ThreadPoolExecutor(1) as pool:
         starting = pool.submit(_server, path, root / "server.log", mode)
-        llm = LLM(str(path), dtype="float32", max_model_len=MAX_MODEL_LEN, enforce_eager=True,
-                  seed=0, block_size=32, tokenizer_mode="mistral" if mode else "auto")  # fmt: skip
+        with default_processes():
+            llm = LLM(str(path), dtype="float32", max_model_len=MAX_MODEL_LEN,
+                      enforce_eager=True, seed=0, block_size=32,
+                      tokenizer_mode="mistral" if mode else "auto")  # fmt: skip
         server = starting.result()
     ref = Reference(str(path), tokenizer=mistral is None)
     try:
