@@ -29,7 +29,7 @@ os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 # worker, as on a one-GPU machine. What the CPU build runs by default (an engine-core process
 # and a worker process of its own) is tested where the processes matter (DEFAULT_PROCESSES): the
 # session's main server, this process's own engines (`default_processes`), the batch CLI's
-# Ctrl-C and kill tests, two API-server processes, the bench.
+# Ctrl-C and kill tests, the bench.
 IN_PROCESS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 DEFAULT_PROCESSES = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
 os.environ.update({k: os.environ.get(k, v) for k, v in IN_PROCESS.items()})
@@ -254,8 +254,9 @@ RUNTIME_LORA = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
 
 def _main_server(request, logs: Path) -> Server:
     args = lora_args(request.getfixturevalue("lora_paths"))
+    env = {**RUNTIME_LORA, **DEFAULT_PROCESSES}
     return Server(request.getfixturevalue("model_path"), logs / "server.log", True, API_KEY,
-                  env={**RUNTIME_LORA, **DEFAULT_PROCESSES}, extra_args=args, wait=False)  # fmt: skip
+                  env=env, extra_args=args, wait=False)  # fmt: skip
 
 
 def _stock_server(request, logs: Path) -> Server:

@@ -186,7 +186,7 @@ def test_resume_after_a_partial_last_line(in_process, server, tmp_path):
 
 def test_sigint_keeps_every_written_line_and_a_rerun_resumes(model_path, server, llm, tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    texts = [f"Line {i}: the quick brown fox jumps over the lazy dog {i} times." for i in range(3000)]
+    texts = [f"Line {i}: the quick brown fox jumps over the lazy dog {i} times." for i in range(1000)]
     inp.write_text("".join(json.dumps({"id": i, "prompt": t}) + "\n" for i, t in enumerate(texts)))
     env = dict(os.environ, **DEFAULT_PROCESSES)  # the engine's processes get the signal too
     proc = subprocess.Popen(

@@ -20,7 +20,7 @@ import pytest
 
 import vllm_loglik
 
-from .conftest import API_KEY, DEFAULT_PROCESSES, Server
+from .conftest import API_KEY, Server
 from .test_hostile import wait_idle
 from .test_lora import SERVER_REQUESTS, offline_scores, server_entries
 from .test_server import LONG_CONTEXT, MODEL, OPTIONS, assert_same, metric, post
@@ -126,7 +126,7 @@ def two_front_ends(model_path, tmp_path_factory):
     """`vllm serve --api-server-count 2` with the plugin (through `vllm-loglik serve`, which
     starts `vllm serve` on the CPU build too), logging each request with its process."""
     log = tmp_path_factory.mktemp("two-logs") / "server.log"
-    srv = Server(model_path, log, True, API_KEY, vllm_serve=True, env=DEFAULT_PROCESSES,
+    srv = Server(model_path, log, True, API_KEY, vllm_serve=True,
                  extra_args=["--api-server-count", "2", "--enable-log-requests"])  # fmt: skip
     yield srv
     srv.stop()
