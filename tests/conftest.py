@@ -32,24 +32,19 @@ os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 # Ctrl-C and kill tests, the bench.
 IN_PROCESS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 DEFAULT_PROCESSES = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
-os.environ.update({k: os.environ.get(k, v) for k, v in IN_PROCESS.items()})
+for _name, _value in IN_PROCESS.items():
+    os.environ.setdefault(_name, _value)
 
 
 @contextlib.contextmanager
 def default_processes():
-    """Build an engine in this process with vLLM's default processes: engines that share a
-    process share vLLM's distributed state, which the first to shut down tears down under the
-    others (`EngineCore.shutdown`), and this process builds several."""
-    before = {name: os.environ.get(name) for name in DEFAULT_PROCESSES}
-    os.environ.update(DEFAULT_PROCESSES)
-    try:
+    """vLLM's default processes for the engines built (and processes started) within: engines
+    that share a process share vLLM's distributed state, which the first to shut down tears
+    down under the others (`EngineCore.shutdown`), and this process builds several."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in DEFAULT_PROCESSES.items():
+            patch.setenv(name, value)
         yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 #: Where every engine of the session (offline, or a server's) writes the id of each request whose
 #: prompt logprobs it computed on the target-only path (`vllm_loglik.target_logprobs`); a server

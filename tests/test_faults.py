@@ -29,7 +29,7 @@ import httpx
 import psutil
 import pytest
 
-from .conftest import DEFAULT_PROCESSES, Server
+from .conftest import Server, default_processes
 from .test_batch import CLI, ENGINE_FLAGS, read
 from .test_server import MODEL
 
@@ -40,9 +40,7 @@ pytestmark = pytest.mark.soak
 def _default_processes():
     """These faults kill an engine's processes: every engine here runs in the processes that the
     CPU build gives it by default (an engine core and a worker of its own)."""
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in DEFAULT_PROCESSES.items():
-            patch.setenv(name, value)
+    with default_processes():
         yield
 
 
